@@ -1,0 +1,24 @@
+"""refseg: training-free reference-based instance segmentation.
+
+A few annotated reference instances per class fill a :class:`MemoryBank` of
+features; a proposal model (SAM2) proposes masks on every other image; each
+proposal is matched to the bank, merged, scored and returned as :class:`Detections`.
+"""
+
+from .config import PAPER, PRESETS, MatchConfig, MergeConfig, OutputConfig, PipelineConfig, ProposalConfig, \
+    ReferenceConfig, get_preset
+from .images import ImageLoadError, load_image
+from .interfaces import FeatureEncoder, ProposalGenerator, Proposals
+from .memory_bank import BankError, BankMismatchError, MemoryBank
+from .pipeline import Candidates, Segmenter
+from .references import BankReport, Reference, ReferenceEncoder, UnusableReference
+from .results import Detections, decode_rle, encode_rle
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PAPER", "PRESETS", "MatchConfig", "MergeConfig", "OutputConfig", "PipelineConfig", "ProposalConfig",
+    "ReferenceConfig", "get_preset", "ImageLoadError", "load_image", "FeatureEncoder", "ProposalGenerator",
+    "Proposals", "BankError", "BankMismatchError", "MemoryBank", "Candidates", "Segmenter", "BankReport",
+    "Reference", "ReferenceEncoder", "UnusableReference", "Detections", "decode_rle", "encode_rle",
+]

@@ -1,0 +1,78 @@
+"""Duplicate removal and re-scoring: class-aware NMS, semantic-aware soft merging, top-k
+(METHOD.md section 2, steps 6, 8, 9)."""
+
+from __future__ import annotations
+
+import torch
+from torchvision.ops import batched_nms, masks_to_boxes
+
+
+def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
+    """[N, h, w] bool (non-empty) -> [N, 4] xyxy boxes from inclusive pixel indices."""
+    if masks.shape[0] == 0:
+        return torch.zeros(0, 4, device=masks.device)
+    return masks_to_boxes(masks).to(torch.float32)
+
+
+def class_aware_nms(boxes: torch.Tensor, ranking: torch.Tensor, labels: torch.Tensor, iou_threshold: float,
+                    max_keep: int) -> torch.Tensor:
+    """Indices kept by per-class box NMS, ordered by ``ranking`` (descending), at most ``max_keep``."""
+    if boxes.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=boxes.device)
+    keep = batched_nms(boxes.float(), ranking.float(), labels, iou_threshold)
+    return keep[:max_keep]
+
+
+def intersections_by_class(masks: torch.Tensor, labels: torch.Tensor, chunk_pixels: int = 1 << 20) -> torch.Tensor:
+    """[N, N] pixel counts |M_i ∩ M_j| for pairs of the same class (0 across classes).
+
+    masks [N, H, W] bool. Counted with matmuls over pixel chunks, one class at a time, so
+    memory stays bounded and no pair of different classes costs anything.
+    """
+    n = masks.shape[0]
+    flat = masks.reshape(n, -1)
+    inter = torch.zeros(n, n, dtype=torch.float64, device=masks.device)
+    # bf16/fp16 would round counts; fp32 sums of 0/1 are exact per chunk below 2**24 pixels
+    for cls in labels.unique():
+        idx = (labels == cls).nonzero().squeeze(1)
+        if idx.numel() < 2:
+            continue
+        acc = torch.zeros(idx.numel(), idx.numel(), dtype=torch.float64, device=masks.device)
+        for start in range(0, flat.shape[1], chunk_pixels):
+            part = flat[idx, start:start + chunk_pixels].to(torch.float32)
+            acc += (part @ part.T).to(torch.float64)
+        inter[idx.unsqueeze(1), idx.unsqueeze(0)] = acc
+    return inter
+
+
+def soft_merge(masks: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, ranking: torch.Tensor,
+               features: torch.Tensor) -> torch.Tensor:
+    """Semantic-aware soft merging; returns the decayed scores.
+
+    Within each class, masks are ranked by ``ranking`` (the proposer's predicted IoU).
+    For mask i, ``d_i = max over higher-ranked j of IoS(i, j) * max(0, f_i . f_j)``
+    with ``IoS(i, j) = |M_i ∩ M_j| / |M_i|``, and ``score_i * sqrt(1 - d_i)``.
+    Every decay uses the original scores (not sequential like Soft-NMS).
+    """
+    n = masks.shape[0]
+    if n < 2:
+        return scores.clone()
+    inter = intersections_by_class(masks, labels)
+    area = inter.diagonal().clamp(min=1)
+    ios = (inter / area.unsqueeze(1)).to(torch.float32)  # row i: fraction of M_i covered by M_j
+    semantic = (features @ features.T).clamp(min=0)
+    # j outranks i: higher ranking, ties broken by position (a stable order)
+    order = torch.argsort(ranking, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n, device=order.device)
+    higher = rank.unsqueeze(0) < rank.unsqueeze(1)  # [i, j]: j ranked above i
+    same = labels.unsqueeze(0) == labels.unsqueeze(1)
+    decay = (ios * semantic).masked_fill(~(higher & same), 0.0).max(dim=1).values.clamp(0.0, 1.0)
+    return scores * torch.sqrt(1.0 - decay)
+
+
+def top_k(scores: torch.Tensor, k: int, min_score: float = 0.0) -> torch.Tensor:
+    """Indices of the ``k`` best scores at or above ``min_score``, best first."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    order = order[scores[order] >= min_score]
+    return order[:k]

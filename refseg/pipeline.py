@@ -1,0 +1,170 @@
+"""Inference on target images (METHOD.md section 2).
+
+Two stages, so the expensive one can be cached and the cheap one re-run when the
+references or the merging settings change:
+
+1. :meth:`Segmenter.propose` — networks: image -> :class:`Candidates` (proposal
+   logits, predicted IoU, pooled unit-norm features). Depends only on the models.
+2. :meth:`Segmenter.label` — no networks: candidates + memory bank -> matching,
+   NMS, full-resolution masks, soft merging, top-k -> :class:`Detections`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import PAPER, PipelineConfig
+from .images import load_image
+from .interfaces import FeatureEncoder, ProposalGenerator
+from .matching import match_to_prototypes, pool_features
+from .memory_bank import MemoryBank
+from .merging import class_aware_nms, mask_boxes, soft_merge, top_k
+from .precision import autocast
+from .preprocess import resize_for_encoder, squash_to_square
+from .results import Detections, masks_to_boxes
+
+ImageInput = "str | os.PathLike | np.ndarray | PIL.Image.Image"
+
+
+@dataclass
+class Candidates:
+    """Class-agnostic proposals of one image with their features (stage 1 output).
+
+    logits:   [N, h, w] float mask logits in the square model frame.
+    pred_iou: [N] float.
+    features: [N, D] unit-norm pooled features.
+    image_size: (H, W) of the original image.
+    """
+
+    logits: torch.Tensor
+    pred_iou: torch.Tensor
+    features: torch.Tensor
+    image_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return int(self.pred_iou.shape[0])
+
+    def to(self, device: torch.device | str) -> "Candidates":
+        return Candidates(self.logits.to(device), self.pred_iou.to(device), self.features.to(device), self.image_size)
+
+
+class Segmenter:
+    """Labels images with instance masks of the memory bank's classes.
+
+    >>> seg = Segmenter(proposer, encoder, MemoryBank.load("bank.safetensors"))
+    >>> dets = seg.predict("image.jpg")     # Detections: masks, boxes, scores, labels
+    """
+
+    def __init__(self, proposer: ProposalGenerator, encoder: FeatureEncoder, bank: MemoryBank,
+                 config: PipelineConfig = PAPER):
+        self.proposer = proposer
+        self.encoder = encoder
+        self.config = config
+        self.set_bank(bank)
+
+    def set_bank(self, bank: MemoryBank) -> None:
+        """Use another (or an edited) bank; checks it matches the encoder and is not empty."""
+        bank.check_encoder(self.encoder.settings())
+        bank.check_usable()
+        self.bank = bank
+        self.class_names = list(bank.class_names)
+        self._prototypes = bank.prototypes()
+        self._negatives, self._negative_labels = bank.embeddings(negative=True)
+
+    # ------------------------------------------------------------------ stage 1
+    def propose(self, images: Sequence[np.ndarray]) -> list[Candidates]:
+        """Run the networks on RGB uint8 images: proposals and pooled features per image."""
+        if not images:
+            return []
+        cfg = self.config
+        s = cfg.proposal.image_size
+        squares = torch.stack([squash_to_square(im, s) for im in images])  # [B, 3, S, S]
+        with torch.inference_mode():
+            with autocast(self.proposer.device, cfg.precision):
+                proposals = self.proposer.propose(squares.to(self.proposer.device))
+            enc_in = resize_for_encoder(squares.to(self.encoder.device), self.encoder.input_size)
+            with autocast(self.encoder.device, cfg.precision):
+                patch_features = self.encoder.encode(enc_in).float()  # [B, g, g, D]
+            out = []
+            for im, props, feats in zip(images, proposals, patch_features):
+                logits = props.logits.float()
+                masks = logits > cfg.match.mask_threshold
+                features, valid = pool_features(masks.to(feats.device), feats)
+                valid = valid.to(logits.device)
+                out.append(Candidates(logits[valid], props.pred_iou.float()[valid], features[valid.to(features.device)],
+                                      (int(im.shape[0]), int(im.shape[1]))))
+        return out
+
+    # ------------------------------------------------------------------ stage 2
+    def label(self, cand: Candidates) -> Detections:
+        """Match candidates to the bank, remove duplicates, merge and keep the top k."""
+        cfg = self.config
+        h, w = cand.image_size
+        if len(cand) == 0:
+            return Detections.empty(h, w, self.class_names)
+        device = cand.logits.device
+        with torch.inference_mode():
+            features = cand.features.to(device)
+            scores, labels, _ = match_to_prototypes(
+                features, self._prototypes.to(device), self._negatives.to(device),
+                self._negative_labels.to(device), cfg.match.negative_margin)
+            low_masks = cand.logits > cfg.match.mask_threshold
+            keep = class_aware_nms(mask_boxes(low_masks), cand.pred_iou, labels, cfg.merge.nms_iou,
+                                   cfg.merge.max_after_nms)
+            keep = keep[scores[keep] > 0]
+            if keep.numel() == 0:
+                return Detections.empty(h, w, self.class_names)
+            logits, scores, labels = cand.logits[keep], scores[keep], labels[keep]
+            pred_iou, features = cand.pred_iou[keep], features[keep]
+            full = self._upsample(logits, (h, w)) > cfg.match.mask_threshold  # [K, H, W]
+            if cfg.merge.soft_merge:
+                if cfg.merge.merge_resolution:
+                    r = cfg.merge.merge_resolution
+                    merge_masks = self._upsample(logits, (r, r)) > cfg.match.mask_threshold
+                else:
+                    merge_masks = full
+                scores = soft_merge(merge_masks, scores, labels, pred_iou, features)
+            best = top_k(scores, cfg.merge.top_k, cfg.merge.score_threshold)
+            masks = full[best].cpu().numpy()
+            return Detections(
+                masks=masks,
+                boxes=masks_to_boxes(masks, cfg.output.paper_box),
+                scores=scores[best].float().cpu().numpy(),
+                labels=labels[best].cpu().numpy().astype(np.int64),
+                class_names=self.class_names,
+                pred_iou=pred_iou[best].float().cpu().numpy(),
+            )
+
+    @staticmethod
+    def _upsample(logits: torch.Tensor, size: tuple[int, int], chunk: int = 64) -> torch.Tensor:
+        """Bilinear resize of [K, h, w] logits in chunks (bounded float memory)."""
+        parts = [F.interpolate(logits[i:i + chunk, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+                 for i in range(0, logits.shape[0], chunk)]
+        return torch.cat(parts) if parts else logits.new_zeros(0, *size)
+
+    # ------------------------------------------------------------------ convenience
+    def predict(self, image) -> Detections:
+        """Label one image (path, PIL image or array)."""
+        return self.predict_batch([image])[0]
+
+    def predict_batch(self, images: Sequence) -> list[Detections]:
+        """Label a batch of images; the networks see them as one batch."""
+        rgbs = [load_image(im) for im in images]
+        return [self.label(c) for c in self.propose(rgbs)]
+
+    def predict_many(self, images: Iterable, batch_size: int = 1) -> Iterator[Detections]:
+        """Label an iterable of images lazily, ``batch_size`` at a time, in order."""
+        batch: list = []
+        for im in images:
+            batch.append(im)
+            if len(batch) == batch_size:
+                yield from self.predict_batch(batch)
+                batch = []
+        if batch:
+            yield from self.predict_batch(batch)
