@@ -10,7 +10,10 @@ from PIL import Image
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """[H, W, 3] uint8 -> [3, H, W] float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(torch.float32).div_(255.0)
+    rgb = np.ascontiguousarray(rgb)
+    if not rgb.flags.writeable:  # PIL-backed arrays are read-only; torch wants to own writable memory
+        rgb = rgb.copy()
+    return torch.from_numpy(rgb).permute(2, 0, 1).to(torch.float32).div_(255.0)
 
 
 def squash_to_square(rgb: np.ndarray, size: int) -> torch.Tensor:

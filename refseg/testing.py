@@ -146,6 +146,28 @@ class ColorEncoder:
                 "sharpness": self.sharpness}
 
 
+def _random_shape(rng: np.random.Generator, height: int, width: int, min_size: int) -> np.ndarray:
+    bw = int(rng.integers(min_size, max(min_size + 1, width // 3)))
+    bh = int(rng.integers(min_size, max(min_size + 1, height // 3)))
+    x0 = int(rng.integers(0, width - bw))
+    y0 = int(rng.integers(0, height - bh))
+    layer = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(layer)
+    if rng.random() < 0.5:
+        draw.ellipse([x0, y0, x0 + bw - 1, y0 + bh - 1], fill=255)
+    else:
+        draw.rectangle([x0, y0, x0 + bw - 1, y0 + bh - 1], fill=255)
+    return np.asarray(layer) > 0
+
+
+def _dilate(mask: np.ndarray, radius: int) -> np.ndarray:
+    out = mask.copy()
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            out |= np.roll(np.roll(mask, dy, axis=0), dx, axis=1)
+    return out
+
+
 def draw_scene(rng: np.random.Generator, height: int, width: int, n_objects: int,
                classes=CLASSES, distractors=DISTRACTORS, min_size: int = 24) -> tuple[np.ndarray, list[dict]]:
     """One RGB image with planted shapes; returns (image, instances with class name and final mask).
@@ -159,18 +181,15 @@ def draw_scene(rng: np.random.Generator, height: int, width: int, n_objects: int
     names = list(classes) + list(distractors)
     for k in range(n_objects):
         name = names[rng.integers(len(names))] if k % 3 == 2 else classes[rng.integers(len(classes))]
-        bw = int(rng.integers(min_size, max(min_size + 1, width // 3)))
-        bh = int(rng.integers(min_size, max(min_size + 1, height // 3)))
-        x0 = int(rng.integers(0, width - bw))
-        y0 = int(rng.integers(0, height - bh))
-        layer = Image.new("L", (width, height), 0)
-        draw = ImageDraw.Draw(layer)
-        if rng.random() < 0.5:
-            draw.ellipse([x0, y0, x0 + bw - 1, y0 + bh - 1], fill=255)
+        for _attempt in range(50):
+            m = _random_shape(rng, height, width, min_size)
+            # same-colour shapes must not touch: nothing could tell them apart
+            same = np.isin(owner, [j for j, n in enumerate(drawn) if n == name])
+            if not (_dilate(m, 2) & same).any():
+                break
         else:
-            draw.rectangle([x0, y0, x0 + bw - 1, y0 + bh - 1], fill=255)
-        m = np.asarray(layer) > 0
-        owner[m] = k
+            continue
+        owner[m] = len(drawn)
         colour = np.array(PALETTE[name], dtype=np.float32)
         img[m] = np.clip(colour + rng.normal(0, 6, (int(m.sum()), 3)), 0, 255)
         drawn.append(name)
