@@ -146,7 +146,7 @@ class ReferenceEncoder:
                    batch_size: int = 8) -> tuple[MemoryBank, BankReport]:
         """Add every usable reference to ``bank`` (a new one by default); report what was skipped."""
         refs = list(refs)
-        bank = bank or MemoryBank(self.encoder.settings())
+        bank = bank if bank is not None else MemoryBank(self.encoder.settings())
         report = BankReport()
         for ref, result in zip(refs, self.embed(refs, batch_size)):
             if isinstance(result, UnusableReference):
