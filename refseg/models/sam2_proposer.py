@@ -5,7 +5,9 @@ configs; the weights come from the official ``{"model": state_dict}`` checkpoint
 (see :data:`SAM2_VARIANTS`). What this module adds is the prompting of
 METHOD.md section 2, step 3: one image-encoder pass per image, a grid of single
 positive points decoded in batches, the best of the three multimask outputs per
-prompt, and a predicted-IoU threshold.
+prompt, and a predicted-IoU threshold. With ``ProposalConfig.fast_decoder`` the
+prompts are decoded by :class:`~refseg.models.sam2_fast_decoder.FastMaskDecoder`
+(the same function, the prompt-independent work done once per image).
 """
 
 from __future__ import annotations
@@ -172,6 +174,11 @@ class SAM2ProposalGenerator:
         self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
         self._points = point_grid(config.points_per_side, config.image_size).to(self.device)  # [P, 2]
+        self._fast = None
+        if config.fast_decoder:
+            from refseg.models.sam2_fast_decoder import FastMaskDecoder
+
+            self._fast = FastMaskDecoder(model.sam_mask_decoder, model.sam_prompt_encoder)
 
     @classmethod
     def from_name(
@@ -247,6 +254,8 @@ class SAM2ProposalGenerator:
         images = self._check_images(images)
         if images.shape[0] == 0:
             return []
+        if self._fast is not None:
+            return self._propose_fast(images)
         embeds, high_res = self._encode(images)
         coords = self._points[:, None, :]  # [P, 1, 2]: one positive point per prompt
         labels = torch.ones(coords.shape[:2], dtype=torch.int32, device=self.device)  # [P, 1]
@@ -262,6 +271,33 @@ class SAM2ProposalGenerator:
                 kept_logits.append(logits[keep])
                 kept_iou.append(iou[keep])
             out.append(Proposals(logits=torch.cat(kept_logits), pred_iou=torch.cat(kept_iou)))
+        return out
+
+    def _propose_fast(self, images: torch.Tensor) -> list[Proposals]:
+        """``propose`` through :class:`~refseg.models.sam2_fast_decoder.FastMaskDecoder`.
+
+        The same proposals as the paper path up to rounding: image-side decoder work once per
+        image, and no host-device synchronisation inside the prompt loop (logits and IoU stay on
+        the device; the threshold is one boolean index per image, after all prompt batches).
+        """
+        embeds, high_res = self._encode(images)
+        n_prompts = self._points.shape[0]
+        coords = self._points[:, None, :]  # [P, 1, 2]: one positive point per prompt
+        labels = torch.ones(coords.shape[:2], dtype=torch.int32, device=self.device)  # [P, 1]
+        with torch.autocast(self.device.type, enabled=False):  # positional encodings in fp32
+            sparse, _ = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)  # [P, 2, C]
+        step = max(1, int(self.config.prompt_batch_size))
+        size = self.mask_size
+        out = []
+        for b in range(images.shape[0]):
+            ctx = self._fast.prepare(embeds[b : b + 1], [f[b : b + 1] for f in high_res])
+            logits = torch.empty(n_prompts, size, size, dtype=torch.float32, device=self.device)
+            iou = torch.empty(n_prompts, dtype=torch.float32, device=self.device)
+            for start in range(0, n_prompts, step):
+                logits[start : start + step], iou[start : start + step] = self._fast.decode(
+                    ctx, sparse[start : start + step])
+            keep = torch.nonzero(iou > self.config.pred_iou_threshold).squeeze(1)  # the one sync per image
+            out.append(Proposals(logits=logits.index_select(0, keep), pred_iou=iou.index_select(0, keep)))
         return out
 
     @torch.no_grad()
