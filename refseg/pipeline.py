@@ -122,16 +122,18 @@ class Segmenter:
                 return Detections.empty(h, w, self.class_names)
             logits, scores, labels = cand.logits[keep], scores[keep], labels[keep]
             pred_iou, features = cand.pred_iou[keep], features[keep]
-            full = self._upsample(logits, (h, w)) > cfg.match.mask_threshold  # [K, H, W]
+            threshold = cfg.match.mask_threshold
+            r = cfg.merge.merge_resolution
+            full = None
             if cfg.merge.soft_merge:
-                if cfg.merge.merge_resolution:
-                    r = cfg.merge.merge_resolution
-                    merge_masks = self._upsample(logits, (r, r)) > cfg.match.mask_threshold
-                else:
-                    merge_masks = full
+                if r:  # overlaps measured on an r x r grid: only the survivors need full resolution
+                    merge_masks = self._upsample(logits, (r, r)) > threshold
+                else:  # paper: overlaps at full image resolution
+                    full = merge_masks = self._upsample(logits, (h, w)) > threshold  # [K, H, W]
                 scores = soft_merge(merge_masks, scores, labels, pred_iou, features)
             best = top_k(scores, cfg.merge.top_k, cfg.merge.score_threshold)
-            masks = full[best].cpu().numpy()
+            full = full[best] if full is not None else self._upsample(logits[best], (h, w)) > threshold
+            masks = full.cpu().numpy()
             return Detections(
                 masks=masks,
                 boxes=masks_to_boxes(masks, cfg.output.paper_box),
@@ -149,22 +151,31 @@ class Segmenter:
         return torch.cat(parts) if parts else logits.new_zeros(0, *size)
 
     # ------------------------------------------------------------------ convenience
-    def predict(self, image) -> Detections:
-        """Label one image (path, PIL image or array)."""
-        return self.predict_batch([image])[0]
+    def predict(self, image, cache=None, key: str | None = None) -> Detections:
+        """Label one image (path, PIL image or array); ``cache``/``key`` as in :meth:`predict_batch`."""
+        return self.predict_batch([image], cache=cache, keys=None if key is None else [key])[0]
 
-    def predict_batch(self, images: Sequence) -> list[Detections]:
-        """Label a batch of images; the networks see them as one batch."""
+    def predict_batch(self, images: Sequence, cache=None, keys: Sequence[str] | None = None) -> list[Detections]:
+        """Label a batch of images; the networks see them as one batch.
+
+        With ``cache`` (a :class:`~refseg.candidate_cache.CandidateCache`), stage 1 of an image
+        found in it is read from disk (no network, no image decode) and stage 1 of the others
+        is computed and stored; ``keys`` replace the default keys (path + size + mtime, or pixels).
+        """
+        if cache is not None:
+            return [self.label(c) for c in cache.candidates(self, images, keys)]
+        if keys is not None:
+            raise ValueError("keys are only used with a cache")
         rgbs = [load_image(im) for im in images]
         return [self.label(c) for c in self.propose(rgbs)]
 
-    def predict_many(self, images: Iterable, batch_size: int = 1) -> Iterator[Detections]:
-        """Label an iterable of images lazily, ``batch_size`` at a time, in order."""
+    def predict_many(self, images: Iterable, batch_size: int = 1, cache=None) -> Iterator[Detections]:
+        """Label an iterable of images lazily, ``batch_size`` at a time, in order (``cache``: see predict_batch)."""
         batch: list = []
         for im in images:
             batch.append(im)
             if len(batch) == batch_size:
-                yield from self.predict_batch(batch)
+                yield from self.predict_batch(batch, cache=cache)
                 batch = []
         if batch:
-            yield from self.predict_batch(batch)
+            yield from self.predict_batch(batch, cache=cache)
