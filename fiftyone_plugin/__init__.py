@@ -1,0 +1,612 @@
+"""FiftyOne operators of refseg: reference-based instance segmentation in the App.
+
+Workflow: tag a few annotated samples ``reference`` -> ``build_memory_bank`` ->
+``auto_label`` the rest -> review (tag predictions ``rejected`` / ``accepted``) ->
+``update_memory_bank_from_review`` -> ``auto_label`` again -> ``evaluate_auto_labels``
+/ ``export_coco``. ``boxes_to_masks`` turns box annotations into masks.
+
+Each operator is a thin shell: it reads its form into arguments of a function of
+:mod:`.core`, where the work happens. Each is also a Python function::
+
+    import fiftyone.operators as foo
+    build = foo.get_operator("@refseg/refseg/build_memory_bank")
+    build(dataset, label_field="ground_truth", proposer="sam2.1_hiera_t", encoder="dinov2_vits14")
+"""
+
+from __future__ import annotations
+
+import fiftyone.operators as foo
+import fiftyone.operators.types as types
+
+from . import core
+
+DELEGATE_ABOVE = 8  # runs over more samples than this are delegated unless the caller says otherwise
+
+PROPOSER_CHOICES = ("sam2_hiera_l", "sam2_hiera_b+", "sam2_hiera_s", "sam2_hiera_t", "sam2.1_hiera_l",
+                    "sam2.1_hiera_b+", "sam2.1_hiera_s", "sam2.1_hiera_t")
+ENCODER_CHOICES = ("dinov2_vitl14", "dinov2_vitb14", "dinov2_vits14", "dinov2_vitg14", "dinov2_vitl14_reg",
+                   "dinov2_vitb14_reg", "dinov2_vits14_reg", "dinov2_vitg14_reg")
+
+
+# ---------------------------------------------------------------------------- shared form pieces
+
+
+def _default_scope(ctx) -> str:
+    if ctx.selected:
+        return "SELECTED_SAMPLES"
+    if ctx.has_custom_view:
+        return "CURRENT_VIEW"
+    return "DATASET"
+
+
+def _scope_input(ctx, inputs, description: str) -> None:
+    choices = types.RadioGroup()
+    choices.add_choice("DATASET", label="Entire dataset")
+    choices.add_choice("CURRENT_VIEW", label="Current view")
+    choices.add_choice("SELECTED_SAMPLES", label=f"Selected samples ({len(ctx.selected)})")
+    inputs.enum("scope", choices.values(), default=_default_scope(ctx), label="Samples",
+                description=description, view=choices)
+
+
+def _scope_view(ctx):
+    scope = ctx.params.get("scope") or _default_scope(ctx)
+    if scope == "SELECTED_SAMPLES":
+        return ctx.view.select(ctx.selected)
+    if scope == "CURRENT_VIEW":
+        return ctx.view
+    return ctx.dataset
+
+
+def _detections_fields(ctx) -> list[str]:
+    import fiftyone as fo
+
+    if ctx.dataset is None:
+        return []
+    schema = ctx.dataset.get_field_schema(embedded_doc_type=fo.Detections)
+    return sorted(schema)
+
+
+def _field_input(ctx, inputs, name: str, label: str, description: str, default: str | None = None,
+                 required: bool = True) -> str | None:
+    """A Detections field of the dataset; a name that is not one makes the form invalid, with the reason."""
+    fields = _detections_fields(ctx)
+    choices = types.AutocompleteView()
+    for f in fields:
+        choices.add_choice(f, label=f)
+    if default not in fields:
+        default = fields[0] if fields else None
+    prop = inputs.str(name, default=default, required=required, label=label, description=description, view=choices)
+    value = ctx.params.get(name, default)
+    if not value:
+        if not fields:
+            inputs.view(f"{name}_missing", types.Warning(label=f"{label}: the dataset has no Detections field"))
+        return None
+    try:
+        core.check_detections_field(ctx.dataset, value, label.lower())
+    except ValueError as exc:
+        prop.invalid = True
+        prop.error_message = str(exc)
+        return None
+    return value
+
+
+def _bank_input(ctx, inputs) -> str | None:
+    banks = core.list_banks(ctx.dataset) if ctx.dataset is not None else {}
+    if not banks:
+        inputs.view("no_bank", types.Warning(label="No memory bank yet",
+                                             description="Run 'Build memory bank' first."))
+        return None
+    choices = types.DropdownView()
+    for name, record in sorted(banks.items()):
+        counts = ", ".join(f"{c['class']}: {c['references']}" + (f" (-{c['negatives']})" if c['negatives'] else "")
+                           for c in record.get("counts", []))
+        choices.add_choice(name, label=name, description=f"{record.get('encoder')} | {counts}")
+    default = core.DEFAULT_BANK if core.DEFAULT_BANK in banks else sorted(banks)[0]
+    prop = inputs.enum("bank_name", choices.values(), default=default, label="Memory bank", view=choices)
+    name = ctx.params.get("bank_name", default)
+    if name not in banks:
+        prop.invalid = True
+        prop.error_message = (f"dataset {ctx.dataset.name!r} has no memory bank named {name!r} "
+                              f"(banks: {', '.join(sorted(banks))})")
+        return None
+    return name
+
+
+def _model_inputs(ctx, inputs) -> None:
+    settings = core.default_model_settings(ctx.dataset)
+    proposers = types.AutocompleteView()
+    for name in PROPOSER_CHOICES:
+        proposers.add_choice(name, label=name)
+    encoders = types.AutocompleteView()
+    for name in ENCODER_CHOICES:
+        encoders.add_choice(name, label=name)
+    inputs.str("proposer", default=settings.proposer, label="Proposal model",
+               description="SAM2 model name, or an import path package.module:Class", view=proposers)
+    inputs.str("encoder", default=settings.encoder, label="Feature encoder",
+               description="DINOv2 model name, or an import path package.module:Class", view=encoders)
+    inputs.str("proposer_checkpoint", default=None, label="Proposal model checkpoint",
+               description="Local weights file (optional; default: cache, downloaded once)")
+    inputs.str("encoder_checkpoint", default=None, label="Feature encoder checkpoint",
+               description="Local weights file (optional; default: cache, downloaded once)")
+    inputs.int("encoder_input_size", default=settings.encoder_input_size, min=14, label="Encoder input size")
+    _preset_input(inputs, settings.preset)
+
+
+def _preset_input(inputs, default: str | None) -> None:
+    inputs.enum("preset", ["paper", "fast"], default=default, label="Settings preset",
+                description="paper: the published method; fast: half precision and merging on a 256 grid",
+                view=types.RadioGroup())
+    inputs.str("overrides", default=None, label="Setting overrides",
+               description="e.g. proposal.points_per_side=16, merge.top_k=50")
+
+
+def _device_input(ctx, inputs) -> None:
+    inputs.str("device", default=core.plugin_settings(ctx.dataset).get("device", "auto"), label="Device",
+               description="auto, cpu, cuda, cuda:1, mps")
+
+
+def _delegate_input(ctx, inputs, default: bool) -> None:
+    inputs.bool("delegate", default=default, label="Delegate execution?",
+                description="Run as a background job (needs a worker: `fiftyone delegated launch`)",
+                view=types.CheckboxView())
+    if ctx.params.get("delegate", default):
+        inputs.view("delegate_notice", types.Notice(
+            label="Delegated: the job is queued and runs when a worker picks it up (`fiftyone delegated launch`)"))
+
+
+def _model_settings(ctx, base: core.ModelSettings) -> core.ModelSettings:
+    p = ctx.params
+    return base.updated(proposer=p.get("proposer"), encoder=p.get("encoder"), preset=p.get("preset"),
+                        overrides=p.get("overrides"), encoder_input_size=p.get("encoder_input_size"),
+                        proposer_checkpoint=p.get("proposer_checkpoint"),
+                        encoder_checkpoint=p.get("encoder_checkpoint"), random_init=p.get("random_init"))
+
+
+def _progress_to_ctx(ctx):
+    return lambda p: ctx.set_progress(progress=p.fraction, label=p[2])
+
+
+def _stream(ctx, generator, summarise):
+    """Generator execution for the App: progress bar updates, then a notification."""
+    while True:
+        try:
+            update = next(generator)
+        except StopIteration as stop:
+            report = stop.value
+            break
+        yield ctx.trigger("set_progress", {"progress": update.fraction, "label": update[2]})
+    yield ctx.trigger("notify", {"message": summarise(report), "variant": "success"})
+    yield ctx.trigger("reload_dataset")
+
+
+def _summary_output(ctx, label: str):
+    outputs = types.Object()
+    outputs.str("summary", label=label, view=types.MarkdownView())
+    return types.Property(outputs)
+
+
+def _call(operator, sample_collection, params: dict, delegate: bool):
+    """Run ``operator`` from Python on ``sample_collection``; returns its report (or the queued job)."""
+    params = {k: v for k, v in params.items() if v is not None}
+    if isinstance(params.get("overrides"), dict):
+        params["overrides"] = core.format_overrides(params["overrides"].items())
+    params.update(scope="CURRENT_VIEW", delegate=bool(delegate), stream_progress=False)
+    result = foo.execute_operator(operator.uri, {"view": sample_collection.view()}, params=params)
+    return result.result
+
+
+class _RefsegOperator(foo.Operator):
+    """Shared delegation rule: the ``delegate`` parameter if given, else delegate large runs."""
+
+    def resolve_delegation(self, ctx):
+        delegate = ctx.params.get("delegate")
+        if delegate is not None:
+            return bool(delegate)
+        return self._delegate_by_default(ctx)
+
+    def _delegate_by_default(self, ctx) -> bool:
+        return False
+
+    def resolve_output(self, ctx):
+        return _summary_output(ctx, "Result")
+
+
+# ---------------------------------------------------------------------------- operators
+
+
+class BuildMemoryBank(_RefsegOperator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="build_memory_bank",
+            label="refseg: build memory bank",
+            description="Embed the annotated instances of the reference samples into a memory bank",
+            dynamic=True,
+            allow_delegated_execution=True,
+        )
+
+    def __call__(self, sample_collection, label_field, bank_name=core.DEFAULT_BANK,
+                 reference_tag=core.DEFAULT_REFERENCE_TAG, classes=None, proposer=None, encoder=None, device=None,
+                 preset=None, overrides=None, encoder_input_size=None, proposer_checkpoint=None,
+                 encoder_checkpoint=None, random_init=None, batch_size=None, delegate=False):
+        """Build memory bank ``bank_name`` from the instances in ``label_field`` of the samples tagged ``reference_tag``.
+
+        Returns the report (references used per class, skipped ones with the reason),
+        or the queued job when ``delegate`` is True.
+        """
+        return _call(self, sample_collection, dict(
+            label_field=label_field, bank_name=bank_name, reference_tag=reference_tag,
+            classes=list(classes) if classes else None, proposer=proposer, encoder=encoder, device=device,
+            preset=preset, overrides=overrides, encoder_input_size=encoder_input_size,
+            proposer_checkpoint=proposer_checkpoint, encoder_checkpoint=encoder_checkpoint, random_init=random_init,
+            batch_size=batch_size), delegate)
+
+    def _delegate_by_default(self, ctx):
+        tag = ctx.params.get("reference_tag") or core.DEFAULT_REFERENCE_TAG
+        return len(_scope_view(ctx).match_tags(tag)) > DELEGATE_ABOVE
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        _scope_input(ctx, inputs, "Where to look for reference samples")
+        tag_prop = inputs.str("reference_tag", default=core.DEFAULT_REFERENCE_TAG,
+                              label="Reference tag", description="Samples with this tag provide the references")
+        tag = ctx.params.get("reference_tag") or core.DEFAULT_REFERENCE_TAG
+        refs = _scope_view(ctx).match_tags(tag)
+        n_refs = len(refs)
+        if n_refs == 0:
+            tag_prop.invalid = True
+            tag_prop.error_message = (f"no sample here is tagged {tag!r}: tag a few annotated samples {tag!r} "
+                                      "(or name their tag) first")
+        field = _field_input(ctx, inputs, "label_field", "Reference labels",
+                             "Detections with instance masks (boxes alone are turned into masks by the proposal "
+                             "model)", default="ground_truth")
+        if field and n_refs:
+            present = [c for c in refs.distinct(f"{field}.detections.label") if c is not None]
+            classes = types.AutocompleteView()
+            for c in present:
+                classes.add_choice(c, label=c)
+            inputs.list("classes", types.String(), default=None, label="Classes",
+                        description=f"Leave empty for all {len(present)} present: {', '.join(present[:20])}",
+                        view=classes)
+            inputs.view("ref_count", types.Notice(label=f"{n_refs} reference sample(s) tagged '{tag}'"))
+        inputs.str("bank_name", default=core.DEFAULT_BANK, label="Bank name",
+                   description="An existing bank of this name is replaced")
+        _model_inputs(ctx, inputs)
+        _device_input(ctx, inputs)
+        inputs.int("batch_size", default=8, min=1, label="Batch size")
+        _delegate_input(ctx, inputs, n_refs > DELEGATE_ABOVE)
+        return types.Property(inputs, view=types.View(label="refseg: build memory bank"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        models = _model_settings(ctx, core.default_model_settings(ctx.dataset))
+        report = core.build_memory_bank(
+            _scope_view(ctx), label_field=p.get("label_field"), bank_name=p.get("bank_name") or core.DEFAULT_BANK,
+            reference_tag=p.get("reference_tag") or core.DEFAULT_REFERENCE_TAG, classes=p.get("classes") or None,
+            models=models, device=p.get("device"), batch_size=int(p.get("batch_size") or 8))
+        lines = [f"Bank **{report['bank']}** saved to `{report['path']}`", ""]
+        lines += [f"- {r['class']}: {r['used']} reference(s)" + (f", {r['skipped']} skipped ({'; '.join(r['reasons'])})"
+                                                                 if r["skipped"] else "") for r in report["classes"]]
+        if report["missing_classes"]:
+            lines.append(f"- no instance of: {', '.join(report['missing_classes'])}")
+        report["summary"] = "\n".join(lines)
+        return report
+
+
+class AutoLabel(_RefsegOperator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="auto_label",
+            label="refseg: auto-label",
+            description="Segment every instance of the bank's classes in the target samples",
+            dynamic=True,
+            execute_as_generator=True,
+            allow_delegated_execution=True,
+        )
+
+    def __call__(self, sample_collection, bank_name=core.DEFAULT_BANK, label_field=core.DEFAULT_OUTPUT_FIELD,
+                 reference_tag=None, existing="resume", score_threshold=None, preset=None, overrides=None,
+                 batch_size=None, device=None, cache_candidates=None, delegate=False):
+        """Label ``sample_collection`` (except the reference samples) into ``label_field`` with a bank.
+
+        Returns the run report, or the queued job when ``delegate`` is True.
+        """
+        return _call(self, sample_collection, dict(
+            bank_name=bank_name, label_field=label_field, reference_tag=reference_tag, existing=existing,
+            score_threshold=score_threshold, preset=preset, overrides=overrides, batch_size=batch_size,
+            device=device, cache_candidates=cache_candidates), delegate)
+
+    def _targets(self, ctx):
+        return core._targets(_scope_view(ctx), self._reference_tag(ctx))
+
+    def _reference_tag(self, ctx):
+        tag = ctx.params.get("reference_tag")
+        if tag is None:
+            banks = core.list_banks(ctx.dataset)
+            tag = banks.get(ctx.params.get("bank_name") or core.DEFAULT_BANK, {}).get(
+                "reference_tag", core.DEFAULT_REFERENCE_TAG)
+        return tag
+
+    def _delegate_by_default(self, ctx):
+        return len(self._targets(ctx)) > DELEGATE_ABOVE
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        bank = _bank_input(ctx, inputs)
+        if bank is None:
+            return types.Property(inputs, view=types.View(label="refseg: auto-label"))
+        record = core.list_banks(ctx.dataset).get(bank, {})
+        _scope_input(ctx, inputs, "Samples to label (those with the reference tag are left out)")
+        inputs.str("reference_tag", default=record.get("reference_tag", core.DEFAULT_REFERENCE_TAG),
+                   label="Reference tag", description="Samples with this tag are not labelled (empty: label them too)")
+        inputs.str("label_field", default=core.DEFAULT_OUTPUT_FIELD, label="Output field")
+        existing = types.RadioGroup()
+        existing.add_choice("resume", label="Resume",
+                            description="Skip samples this very run (same bank and settings) already labelled")
+        existing.add_choice("skip_labelled", label="Skip labelled", description="Skip every sample with the field")
+        existing.add_choice("overwrite", label="Overwrite", description="Label every sample again")
+        inputs.enum("existing", existing.values(), default="resume", label="Existing labels", view=existing)
+        inputs.float("score_threshold", default=None, min=0.0, max=1.0, label="Score threshold",
+                     description="Drop detections scoring below this (default: the preset's, 0)")
+        _preset_input(inputs, record.get("preset", "paper"))
+        inputs.int("batch_size", default=1, min=1, label="Batch size")
+        _device_input(ctx, inputs)
+        inputs.bool("cache_candidates", default=_cache_default(ctx), label="Cache proposals",
+                    description="Keep each image's proposals and features on disk, so that labelling again after "
+                                "a review (or with other merge settings) runs no network")
+        n = len(self._targets(ctx))
+        inputs.view("target_count", types.Notice(label=f"{n} sample(s) to consider"))
+        _delegate_input(ctx, inputs, n > DELEGATE_ABOVE)
+        return types.Property(inputs, view=types.View(label="refseg: auto-label"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        generator = core.iter_auto_label(
+            _scope_view(ctx), bank_name=p.get("bank_name") or core.DEFAULT_BANK,
+            label_field=p.get("label_field") or core.DEFAULT_OUTPUT_FIELD, reference_tag=self._reference_tag(ctx),
+            batch_size=int(p.get("batch_size") or 1), device=p.get("device"),
+            score_threshold=p.get("score_threshold"), preset=p.get("preset"), overrides=p.get("overrides"),
+            existing=p.get("existing") or "resume",
+            cache_candidates=bool(p.get("cache_candidates", _cache_default(ctx))))
+        if ctx.delegated or not p.get("stream_progress", True):
+            report = core.exhaust(generator, _progress_to_ctx(ctx))
+            report["summary"] = _label_summary(report)
+            return report
+        return _stream(ctx, generator, _label_summary)
+
+
+def _cache_default(ctx) -> bool:
+    return bool(core.plugin_settings(ctx.dataset).get("cache_candidates", False))
+
+
+def _label_summary(report: dict) -> str:
+    text = (f"Labelled {report['num_labelled']} sample(s) into '{report['label_field']}' "
+            f"({report['num_instances']} instances); {report['num_already_done']} already done")
+    if report["num_foreign_skipped"]:
+        text += f"; {report['num_foreign_skipped']} left alone (labels not written by refseg)"
+    if report["num_failed"]:
+        text += f"; {report['num_failed']} failed: " + "; ".join(f["error"] for f in report["failed"][:3])
+    return text
+
+
+class BoxesToMasks(_RefsegOperator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="boxes_to_masks",
+            label="refseg: boxes to masks",
+            description="Give box-only detections an instance mask from the proposal model's box prompt",
+            dynamic=True,
+            execute_as_generator=True,
+            allow_delegated_execution=True,
+        )
+
+    def __call__(self, sample_collection, label_field, out_field=None, proposer=None, device=None, preset=None,
+                 overrides=None, proposer_checkpoint=None, random_init=None, overwrite=False, delegate=False):
+        """Add masks to the box-only detections of ``label_field`` (or of a copy, ``out_field``)."""
+        return _call(self, sample_collection, dict(
+            label_field=label_field, out_field=out_field, proposer=proposer, device=device, preset=preset,
+            overrides=overrides, proposer_checkpoint=proposer_checkpoint, random_init=random_init,
+            overwrite=overwrite), delegate)
+
+    def _delegate_by_default(self, ctx):
+        field = ctx.params.get("label_field")
+        return bool(field) and len(_scope_view(ctx).exists(field)) > DELEGATE_ABOVE
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        _scope_input(ctx, inputs, "Samples whose boxes get masks")
+        field = _field_input(ctx, inputs, "label_field", "Box field", "Detections whose boxes get masks")
+        inputs.str("out_field", default=None, label="Output field",
+                   description="Write to a copy of the field (default: in place)")
+        inputs.bool("overwrite", default=False, label="Replace existing masks too")
+        settings = core.default_model_settings(ctx.dataset)
+        proposers = types.AutocompleteView()
+        for name in PROPOSER_CHOICES:
+            proposers.add_choice(name, label=name)
+        inputs.str("proposer", default=settings.proposer, label="Proposal model", view=proposers)
+        inputs.str("proposer_checkpoint", default=None, label="Proposal model checkpoint")
+        _preset_input(inputs, settings.preset)
+        _device_input(ctx, inputs)
+        n = len(_scope_view(ctx).exists(field)) if field else 0
+        _delegate_input(ctx, inputs, n > DELEGATE_ABOVE)
+        return types.Property(inputs, view=types.View(label="refseg: boxes to masks"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        models = _model_settings(ctx, core.default_model_settings(ctx.dataset))
+        generator = core.iter_boxes_to_masks(_scope_view(ctx), label_field=p.get("label_field"),
+                                             out_field=p.get("out_field") or None, models=models,
+                                             device=p.get("device"), overwrite=bool(p.get("overwrite", False)))
+        summarise = lambda r: (f"{r['num_masks']} mask(s) written to '{r['out_field']}'"  # noqa: E731
+                               + (f", {r['num_empty']} box(es) without a mask" if r["num_empty"] else "")
+                               + (f", {r['num_failed']} image(s) failed" if r["num_failed"] else ""))
+        if ctx.delegated or not p.get("stream_progress", True):
+            report = core.exhaust(generator, _progress_to_ctx(ctx))
+            report["summary"] = summarise(report)
+            return report
+        return _stream(ctx, generator, summarise)
+
+
+class EvaluateAutoLabels(_RefsegOperator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="evaluate_auto_labels",
+            label="refseg: evaluate auto-labels",
+            description="COCO-style mask evaluation of the predictions against ground truth (FiftyOne's)",
+            dynamic=True,
+            allow_delegated_execution=True,
+        )
+
+    def __call__(self, sample_collection, gt_field, pred_field=core.DEFAULT_OUTPUT_FIELD, eval_key="refseg_eval",
+                 reference_tag=core.DEFAULT_REFERENCE_TAG, iou=None, use_masks=True, only_labelled=True,
+                 delegate=False):
+        """Evaluate ``pred_field`` against ``gt_field``; returns mAP and per-class AP."""
+        return _call(self, sample_collection, dict(
+            gt_field=gt_field, pred_field=pred_field, eval_key=eval_key, reference_tag=reference_tag, iou=iou,
+            use_masks=use_masks, only_labelled=only_labelled), delegate)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        _scope_input(ctx, inputs, "Samples to evaluate (reference samples are left out)")
+        _field_input(ctx, inputs, "pred_field", "Predictions", "Auto-labels", default=core.DEFAULT_OUTPUT_FIELD,
+                     required=False)
+        _field_input(ctx, inputs, "gt_field", "Ground truth", "Annotated instances", default="ground_truth")
+        inputs.str("eval_key", default="refseg_eval", label="Evaluation key",
+                   description="An earlier evaluation of this key is replaced")
+        inputs.str("reference_tag", default=core.DEFAULT_REFERENCE_TAG, label="Reference tag",
+                   description="Samples with this tag are left out (empty: keep them)")
+        inputs.float("iou", default=0.5, min=0.0, max=1.0, label="IoU threshold for matches")
+        inputs.bool("use_masks", default=True, label="Match masks (not boxes)")
+        inputs.bool("only_labelled", default=True, label="Only samples with predictions")
+        _delegate_input(ctx, inputs, False)
+        return types.Property(inputs, view=types.View(label="refseg: evaluate auto-labels"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        tag = p.get("reference_tag", core.DEFAULT_REFERENCE_TAG)
+        report = core.evaluate_auto_labels(
+            _scope_view(ctx), pred_field=p.get("pred_field") or core.DEFAULT_OUTPUT_FIELD,
+            gt_field=p.get("gt_field"), eval_key=p.get("eval_key") or "refseg_eval", reference_tag=tag or None,
+            iou=float(p.get("iou") or 0.5), use_masks=bool(p.get("use_masks", True)),
+            only_labelled=bool(p.get("only_labelled", True)))
+        lines = [f"mAP **{report['mAP']:.3f}** on {report['num_samples']} sample(s) "
+                 f"(TP {report['tp']}, FP {report['fp']}, FN {report['fn']}); eval key `{report['eval_key']}`", ""]
+        lines += [f"- {c['class']}: AP {c['AP']:.3f}" for c in report["classes"]]
+        report["summary"] = "\n".join(lines)
+        return report
+
+
+class ExportCoco(_RefsegOperator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="export_coco",
+            label="refseg: export COCO",
+            description="Write the labels as a COCO instances file (lossless RLE masks or polygons)",
+            dynamic=True,
+            allow_delegated_execution=True,
+        )
+
+    def __call__(self, sample_collection, label_field, export_dir, mask_format="rle", export_media=False,
+                 classes=None, delegate=False):
+        """Export ``label_field`` to ``<export_dir>/labels.json`` (images to ``<export_dir>/data/`` if asked)."""
+        return _call(self, sample_collection, dict(
+            label_field=label_field, export_dir=str(export_dir), mask_format=mask_format,
+            export_media=export_media, classes=list(classes) if classes else None), delegate)
+
+    def _delegate_by_default(self, ctx):
+        return bool(ctx.params.get("export_media")) and len(_scope_view(ctx)) > 1000
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        _scope_input(ctx, inputs, "Samples to export")
+        _field_input(ctx, inputs, "label_field", "Labels", "Detections to export", default=core.DEFAULT_OUTPUT_FIELD)
+        inputs.str("export_dir", required=True, label="Export directory",
+                   description="labels.json is written here (and the images under data/ if asked)")
+        formats = types.RadioGroup()
+        formats.add_choice("rle", label="RLE", description="Lossless compressed RLE masks")
+        formats.add_choice("polygons", label="Polygons",
+                           description="FiftyOne's COCO exporter (2-pixel tolerance, holes lost)")
+        inputs.enum("mask_format", formats.values(), default="rle", label="Mask format", view=formats)
+        inputs.bool("export_media", default=False, label="Copy the images",
+                    description="Otherwise the JSON refers to the images by absolute path")
+        inputs.list("classes", types.String(), default=None, label="Classes",
+                    description="Categories, in order (default: every label present)")
+        _delegate_input(ctx, inputs, False)
+        return types.Property(inputs, view=types.View(label="refseg: export COCO"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        export_dir = p.get("export_dir")
+        if isinstance(export_dir, dict):  # a file explorer's value
+            export_dir = export_dir.get("absolute_path")
+        report = core.export_coco(_scope_view(ctx), label_field=p.get("label_field"), export_dir=export_dir,
+                                  mask_format=p.get("mask_format") or "rle",
+                                  export_media=bool(p.get("export_media", False)), classes=p.get("classes") or None)
+        report["summary"] = (f"Wrote `{report['labels_path']}` ({report['mask_format']}, "
+                             f"{report['num_images']} image(s))")
+        return report
+
+
+class UpdateMemoryBankFromReview(_RefsegOperator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="update_memory_bank_from_review",
+            label="refseg: update memory bank from review",
+            description="Rejected predictions become negative references of their class, accepted ones references",
+            dynamic=True,
+            allow_delegated_execution=True,
+        )
+
+    def __call__(self, sample_collection, bank_name=core.DEFAULT_BANK, pred_field=core.DEFAULT_OUTPUT_FIELD,
+                 rejected_tag="rejected", accepted_tag="accepted", device=None, delegate=False):
+        """Add the tagged predictions of ``pred_field`` to bank ``bank_name``; returns what was added."""
+        return _call(self, sample_collection, dict(
+            bank_name=bank_name, pred_field=pred_field, rejected_tag=rejected_tag, accepted_tag=accepted_tag,
+            device=device), delegate)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        bank = _bank_input(ctx, inputs)
+        if bank is None:
+            return types.Property(inputs, view=types.View(label="refseg: update memory bank from review"))
+        _scope_input(ctx, inputs, "Samples whose reviewed predictions are used")
+        field = _field_input(ctx, inputs, "pred_field", "Predictions", "Reviewed auto-labels",
+                             default=core.DEFAULT_OUTPUT_FIELD, required=False)
+        inputs.str("rejected_tag", default="rejected", label="Rejected tag",
+                   description="Predictions with this label tag become negative references")
+        inputs.str("accepted_tag", default="accepted", label="Accepted tag",
+                   description="Predictions with this label tag become references")
+        if field:
+            counts = _scope_view(ctx).count_label_tags(label_fields=field)
+            inputs.view("review_counts", types.Notice(label=", ".join(
+                f"{counts.get(ctx.params.get(k, d), 0)} {ctx.params.get(k, d)}"
+                for k, d in (("rejected_tag", "rejected"), ("accepted_tag", "accepted")))))
+        _device_input(ctx, inputs)
+        _delegate_input(ctx, inputs, False)
+        return types.Property(inputs, view=types.View(label="refseg: update memory bank from review"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        report = core.update_memory_bank_from_review(
+            _scope_view(ctx), bank_name=p.get("bank_name") or core.DEFAULT_BANK,
+            pred_field=p.get("pred_field") or core.DEFAULT_OUTPUT_FIELD, rejected_tag=p.get("rejected_tag", "rejected"),
+            accepted_tag=p.get("accepted_tag", "accepted"), device=p.get("device"))
+        neg = ", ".join(f"{r['class']}: {r['count']}" for r in report["negatives_added"]) or "none"
+        pos = ", ".join(f"{r['class']}: {r['count']}" for r in report["references_added"]) or "none"
+        report["summary"] = (f"Bank **{report['bank']}**: negatives added ({neg}); references added ({pos}); "
+                             f"{report['already_in_bank']} already in the bank. Run auto-label again to use them.")
+        return report
+
+
+OPERATORS = (BuildMemoryBank, AutoLabel, BoxesToMasks, EvaluateAutoLabels, ExportCoco, UpdateMemoryBankFromReview)
+
+
+def register(p):
+    """Plugin entry point."""
+    for operator in OPERATORS:
+        p.register(operator)

@@ -1,0 +1,105 @@
+"""Converters between FiftyOne labels and refseg's plain arrays.
+
+FiftyOne stores an instance mask cropped to its detection's box: ``bounding_box``
+is ``[x, y, w, h]`` relative to the image and ``mask`` covers exactly that box at
+full image resolution. Here those crops become full ``[H, W]`` masks and back.
+Box corners are rounded to the nearest pixel on the way in and out, so a mask
+written by :func:`to_fiftyone_detection` reads back pixel for pixel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+import fiftyone as fo
+
+import refseg
+
+
+def box_to_pixels(bounding_box, height: int, width: int) -> tuple[int, int, int, int]:
+    """FiftyOne relative ``[x, y, w, h]`` -> pixel ``(x1, y1, x2, y2)``, exclusive end, clipped to the image."""
+    x, y, w, h = (float(v) for v in bounding_box)
+    x1, y1 = int(round(x * width)), int(round(y * height))
+    x2, y2 = int(round((x + w) * width)), int(round((y + h) * height))
+    return (min(max(x1, 0), width), min(max(y1, 0), height), min(max(x2, 0), width), min(max(y2, 0), height))
+
+
+def detection_mask(detection: fo.Detection, height: int, width: int) -> np.ndarray | None:
+    """Full-image ``[H, W]`` bool mask of a detection, or None when it has no mask.
+
+    The stored crop is placed at the box's rounded top-left corner. A crop whose
+    size disagrees with the box by more than a pixel (masks saved at another
+    resolution) is resized to the box first, nearest neighbour, as FiftyOne's
+    renderer does.
+    """
+    crop = detection.get_mask()
+    if crop is None:
+        return None
+    crop = np.asarray(crop)
+    if crop.ndim == 3:
+        crop = crop[..., 0]
+    crop = crop > 0
+    x, y, w, h = (float(v) for v in detection.bounding_box)
+    x0, y0 = int(round(x * width)), int(round(y * height))
+    box_w, box_h = int(round((x + w) * width)) - x0, int(round((y + h) * height)) - y0
+    if box_w > 0 and box_h > 0 and (abs(crop.shape[1] - box_w) > 1 or abs(crop.shape[0] - box_h) > 1):
+        resized = Image.fromarray(crop.astype(np.uint8) * 255).resize((box_w, box_h), Image.NEAREST)
+        crop = np.asarray(resized) > 0
+    full = np.zeros((height, width), dtype=bool)
+    # clip the crop to the image (boxes may stick out by rounding or by annotation)
+    ys0, xs0 = max(y0, 0), max(x0, 0)
+    ys1, xs1 = min(y0 + crop.shape[0], height), min(x0 + crop.shape[1], width)
+    if ys1 > ys0 and xs1 > xs0:
+        full[ys0:ys1, xs0:xs1] = crop[ys0 - y0:ys1 - y0, xs0 - x0:xs1 - x0]
+    return full
+
+
+def mask_to_crop(full_mask: np.ndarray, bounding_box) -> np.ndarray:
+    """Crop a full ``[H, W]`` mask to a detection's box (FiftyOne's mask layout)."""
+    h, w = full_mask.shape
+    x1, y1, x2, y2 = box_to_pixels(bounding_box, h, w)
+    return full_mask[y1:y2, x1:x2].copy()
+
+
+def mask_to_bounding_box(full_mask: np.ndarray) -> list[float]:
+    """Tight relative ``[x, y, w, h]`` of a non-empty ``[H, W]`` mask."""
+    h, w = full_mask.shape
+    ys, xs = np.nonzero(full_mask)
+    x1, y1, x2, y2 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    return [x1 / w, y1 / h, (x2 - x1) / w, (y2 - y1) / h]
+
+
+def to_fiftyone_detection(mask: np.ndarray, label: str, **attributes) -> fo.Detection:
+    """A :class:`fiftyone.core.labels.Detection` from a non-empty full-image mask.
+
+    Same layout as ``fo.Detection.from_mask``: the box is the mask's tight extent
+    and the mask is cropped to it.
+    """
+    box = mask_to_bounding_box(mask)
+    return fo.Detection(label=label, bounding_box=box, mask=mask_to_crop(mask, box), **attributes)
+
+
+def to_fiftyone_detections(dets: refseg.Detections, **container_attributes) -> fo.Detections:
+    """refseg :class:`~refseg.Detections` (full-image masks) -> ``fo.Detections``.
+
+    Empty masks are dropped (FiftyOne cannot place them); ``container_attributes``
+    (e.g. the run key) are stored on the ``Detections`` object itself.
+    """
+    out = []
+    names = dets.label_names
+    for i in range(len(dets)):
+        mask = dets.masks[i]
+        if not mask.any():
+            continue
+        attrs = {"confidence": float(dets.scores[i])}
+        if dets.pred_iou is not None:
+            attrs["pred_iou"] = float(dets.pred_iou[i])
+        out.append(to_fiftyone_detection(mask, names[i], **attrs))
+    return fo.Detections(detections=out, **container_attributes)
+
+
+def detection_box_pixels(detection: fo.Detection, height: int, width: int) -> tuple[float, float, float, float]:
+    """A detection's box as float pixel ``(x1, y1, x2, y2)`` (for box prompts and COCO ``bbox``)."""
+    x, y, w, h = (float(v) for v in detection.bounding_box)
+    return x * width, y * height, (x + w) * width, (y + h) * height

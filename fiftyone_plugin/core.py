@@ -1,0 +1,912 @@
+"""The plugin's work, as plain functions over FiftyOne collections.
+
+The operators in ``__init__.py`` only translate an execution context into calls
+of these functions. Everything model-related goes through refseg: images are
+read with :func:`refseg.load_image`, references are embedded with
+:class:`refseg.ReferenceEncoder`, targets are labelled with
+:class:`refseg.Segmenter`; this module moves labels between FiftyOne and refseg.
+
+Where things are kept:
+
+- a memory bank is a safetensors file under :func:`bank_dir`; the dataset's
+  ``info["refseg_banks"][<bank name>]`` points to it and records the models and
+  settings it was built with, so labelling runs reuse them;
+- a labelled sample's ``Detections`` carry the run key (``refseg_run``) and the bank
+  name (``refseg_bank``) on the container, written in the same update as the labels:
+  a run that stops half way leaves every finished sample complete and marked, and
+  running it again labels only the rest;
+- the last run per output field is summarised in ``info["refseg_runs"][<field>]``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Generator, Iterable
+
+import fiftyone as fo
+import fiftyone.core.utils as fou
+from fiftyone import ViewField as F
+
+import refseg
+from refseg import ImageLoadError, MemoryBank, Reference, ReferenceEncoder, Segmenter, UnusableReference
+from refseg.candidate_cache import CandidateCache, image_key, settings_hash, stage1_settings
+from refseg.config import PipelineConfig, get_preset
+from refseg.devices import select_device
+from refseg.images import image_size
+from refseg.plugins import build_encoder, build_proposer
+
+from .convert import box_to_pixels, detection_box_pixels, detection_mask, mask_to_crop, to_fiftyone_detections
+
+PLUGIN_NAME = "@refseg/refseg"
+BANKS_KEY = "refseg_banks"  # dataset.info key: bank name -> record
+RUNS_KEY = "refseg_runs"  # dataset.info key: output field -> last run summary
+RUN_ATTR = "refseg_run"  # on a labelled sample's Detections: the run key
+BANK_ATTR = "refseg_bank"  # on a labelled sample's Detections: the bank name
+BANK_DIR_ENV = "REFSEG_BANK_DIR"
+CANDIDATE_DIR_ENV = "REFSEG_CANDIDATE_DIR"
+
+DEFAULT_PROPOSER = "sam2_hiera_l"  # the paper's models
+DEFAULT_ENCODER = "dinov2_vitl14"
+DEFAULT_BANK = "default"
+DEFAULT_REFERENCE_TAG = "reference"
+DEFAULT_OUTPUT_FIELD = "refseg"
+MAX_REPORTED = 200  # skipped/failed entries listed in a report (counts stay exact)
+
+EXISTING_MODES = ("resume", "skip_labelled", "overwrite")
+
+
+class Progress(tuple):
+    """(done, total, label) of a long job, as yielded by the ``iter_*`` functions."""
+
+    def __new__(cls, done: int, total: int, label: str = ""):
+        return super().__new__(cls, (done, total, label))
+
+    @property
+    def fraction(self) -> float:
+        return self[0] / self[1] if self[1] else 1.0
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def plugin_settings(dataset: fo.Dataset | None = None) -> dict:
+    """The plugin's settings: the App config's ``plugins["@refseg/refseg"]``, then the dataset's on top."""
+    merged = dict((fo.app_config.plugins or {}).get(PLUGIN_NAME, {}) or {})
+    if dataset is not None:
+        merged.update((dataset.app_config.plugins or {}).get(PLUGIN_NAME, {}) or {})
+    return merged
+
+
+def bank_dir(dataset: fo.Dataset | None = None) -> Path:
+    """Folder of memory banks: ``$REFSEG_BANK_DIR``, else the ``bank_dir`` setting, else ``~/.cache/refseg/banks``."""
+    env = os.environ.get(BANK_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    setting = plugin_settings(dataset).get("bank_dir")
+    if setting:
+        return Path(setting).expanduser()
+    return Path.home() / ".cache" / "refseg" / "banks"
+
+
+def candidate_dir(dataset: fo.Dataset | None = None) -> Path:
+    """Folder of cached proposals: ``$REFSEG_CANDIDATE_DIR``, else the ``candidate_dir`` setting,
+    else ``~/.cache/refseg/candidates``."""
+    env = os.environ.get(CANDIDATE_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    setting = plugin_settings(dataset).get("candidate_dir")
+    if setting:
+        return Path(setting).expanduser()
+    return Path.home() / ".cache" / "refseg" / "candidates"
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "unnamed"
+
+
+def bank_path(dataset: fo.Dataset, bank_name: str) -> Path:
+    """Default file of a bank: ``<bank_dir>/<dataset>/<bank_name>.safetensors``."""
+    return bank_dir(dataset) / _slug(dataset.name) / f"{_slug(bank_name)}.safetensors"
+
+
+def parse_overrides(overrides: str | dict | Iterable | None) -> tuple[tuple[str, Any], ...]:
+    """Settings overrides as ``((dotted key, value), ...)``.
+
+    Accepts a dict, pairs, or text such as ``"proposal.image_size=256, merge.top_k=50"``
+    (separated by commas, semicolons or new lines; values read as JSON where they
+    parse, so ``none``/``null`` is None and ``256`` a number).
+    """
+    if not overrides:
+        return ()
+    if isinstance(overrides, dict):
+        items = list(overrides.items())
+    elif isinstance(overrides, str):
+        items = []
+        for part in re.split(r"[,;\n]+", overrides):
+            part = part.strip()
+            if not part:
+                continue
+            if "=" not in part:
+                raise ValueError(f"setting override {part!r} is not of the form key=value")
+            key, value = (s.strip() for s in part.split("=", 1))
+            items.append((key, _parse_value(value)))
+    else:
+        items = [tuple(p) for p in overrides]
+    return tuple((str(k), v) for k, v in items)
+
+
+def _parse_value(text: str) -> Any:
+    if text.lower() in ("none", "null"):
+        return None
+    try:
+        return json.loads(text.lower() if text.lower() in ("true", "false") else text)
+    except ValueError:
+        return text
+
+
+def format_overrides(overrides: Iterable[tuple[str, Any]]) -> str:
+    """Inverse of :func:`parse_overrides` for text input."""
+    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which models and settings a bank is built and used with (stored in the bank's record)."""
+
+    proposer: str = DEFAULT_PROPOSER
+    encoder: str = DEFAULT_ENCODER
+    preset: str = "paper"
+    overrides: tuple[tuple[str, Any], ...] = ()
+    encoder_input_size: int = 518
+    proposer_checkpoint: str | None = None
+    encoder_checkpoint: str | None = None
+    random_init: bool = False  # random weights: for tests and timing only
+
+    def pipeline_config(self) -> PipelineConfig:
+        """The preset with the overrides applied (unknown names are a ValueError)."""
+        try:
+            return get_preset(self.preset).with_overrides(**dict(self.overrides))
+        except KeyError as exc:
+            raise ValueError(str(exc).strip("'\"")) from None
+
+    def updated(self, **changes: Any) -> "ModelSettings":
+        """Copy with the given fields changed; None leaves a field as it is."""
+        changes = {k: v for k, v in changes.items() if v is not None and v != ""}
+        if "overrides" in changes:
+            changes["overrides"] = parse_overrides(changes["overrides"])
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["overrides"] = [[k, v] for k, v in self.overrides]  # keys hold dots: no dict (BSON)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSettings":
+        d = dict(d)
+        d["overrides"] = parse_overrides(d.get("overrides"))
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def default_model_settings(dataset: fo.Dataset | None = None, **changes: Any) -> ModelSettings:
+    """Model settings from the plugin settings (``proposer``, ``encoder``, ``preset``...) and ``changes``."""
+    settings = plugin_settings(dataset)
+    base = ModelSettings().updated(**{k: settings.get(k) for k in ("proposer", "encoder", "preset")})
+    return base.updated(**changes)
+
+
+def resolve_device(name: str | None, dataset: fo.Dataset | None = None):
+    """``name`` (``auto``, ``cpu``, ``cuda:0``...), else the ``device`` setting, else automatic."""
+    return select_device(name or plugin_settings(dataset).get("device") or None)
+
+
+# ---------------------------------------------------------------------------- components
+
+_COMPONENTS: "OrderedDict[tuple, Any]" = OrderedDict()
+_MAX_CACHED = 4  # an App server keeps the last few models loaded between runs
+
+
+def _cached(key: tuple, build: Callable[[], Any]) -> Any:
+    if key in _COMPONENTS:
+        _COMPONENTS.move_to_end(key)
+        return _COMPONENTS[key]
+    obj = build()
+    _COMPONENTS[key] = obj
+    while len(_COMPONENTS) > _MAX_CACHED:
+        _COMPONENTS.popitem(last=False)
+    return obj
+
+
+def _seeded(random_init: bool, build: Callable[[], Any]) -> Any:
+    """Random weights are drawn from a fixed seed, so every process (App, worker) gets the same network."""
+    if not random_init:
+        return build()
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
+
+
+def load_encoder(settings: ModelSettings, device) -> refseg.FeatureEncoder:
+    """The feature encoder named in ``settings`` (cached per process)."""
+    key = ("encoder", settings.encoder, settings.encoder_checkpoint, settings.encoder_input_size,
+           settings.random_init, str(device))
+    return _cached(key, lambda: _seeded(settings.random_init, lambda: build_encoder(
+        settings.encoder, device=device, checkpoint=settings.encoder_checkpoint,
+        input_size=settings.encoder_input_size, random_init=settings.random_init)))
+
+
+def load_proposer(settings: ModelSettings, device) -> refseg.ProposalGenerator:
+    """The proposal generator named in ``settings`` (cached per process)."""
+    proposal = settings.pipeline_config().proposal
+    key = ("proposer", settings.proposer, settings.proposer_checkpoint, proposal, settings.random_init, str(device))
+    return _cached(key, lambda: _seeded(settings.random_init, lambda: build_proposer(
+        settings.proposer, device=device, checkpoint=settings.proposer_checkpoint, config=proposal,
+        random_init=settings.random_init)))
+
+
+def clear_component_cache() -> None:
+    """Forget the loaded models (frees their memory)."""
+    _COMPONENTS.clear()
+
+
+# ---------------------------------------------------------------------------- fields and records
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _dataset_of(samples) -> fo.Dataset:
+    return samples._root_dataset if hasattr(samples, "_root_dataset") else samples
+
+
+def check_detections_field(samples, field_name: str, purpose: str = "labels") -> None:
+    """Raise a ValueError unless ``field_name`` is a ``Detections`` field of the collection."""
+    if not field_name:
+        raise ValueError(f"no {purpose} field given")
+    schema = samples.get_field_schema()
+    if field_name not in schema:
+        detections = sorted(
+            name for name, f in schema.items()
+            if isinstance(f, fo.EmbeddedDocumentField) and issubclass(f.document_type, fo.Detections))
+        raise ValueError(f"the {purpose} field {field_name!r} does not exist on dataset {_dataset_of(samples).name!r}"
+                         f" (Detections fields: {', '.join(detections) or 'none'})")
+    f = schema[field_name]
+    if not (isinstance(f, fo.EmbeddedDocumentField) and issubclass(f.document_type, fo.Detections)):
+        raise ValueError(f"the {purpose} field {field_name!r} holds {getattr(f, 'document_type', type(f)).__name__}"
+                         f", not Detections")
+
+
+def _ensure_output_field(dataset: fo.Dataset, field_name: str) -> None:
+    if dataset.has_sample_field(field_name):
+        check_detections_field(dataset, field_name, "output")
+    else:
+        dataset.add_sample_field(field_name, fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
+
+
+def list_banks(dataset: fo.Dataset) -> dict[str, dict]:
+    """Records of the dataset's memory banks, by name."""
+    return dict((dataset.info or {}).get(BANKS_KEY, {}) or {})
+
+
+def bank_record(dataset: fo.Dataset, bank_name: str) -> dict:
+    """The record of one bank (path, models, classes, counts...)."""
+    banks = list_banks(dataset)
+    if bank_name not in banks:
+        known = ", ".join(sorted(banks)) or "none: build one with build_memory_bank"
+        raise ValueError(f"dataset {dataset.name!r} has no memory bank named {bank_name!r} (banks: {known})")
+    return banks[bank_name]
+
+
+def _bank_file(dataset: fo.Dataset, record: dict, bank_name: str) -> Path:
+    path = Path(record.get("path") or bank_path(dataset, bank_name))
+    if not path.exists():
+        fallback = bank_path(dataset, bank_name)  # e.g. the dataset moved to another machine with its banks
+        if fallback.exists():
+            return fallback
+    return path
+
+
+def load_bank(dataset: fo.Dataset, bank_name: str) -> tuple[MemoryBank, dict]:
+    """The bank and its record."""
+    record = bank_record(dataset, bank_name)
+    return MemoryBank.load(_bank_file(dataset, record, bank_name)), record
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _save_bank(dataset: fo.Dataset, bank_name: str, bank: MemoryBank, settings: ModelSettings,
+               path: Path | None = None, extra: dict | None = None, updating: bool = False) -> dict:
+    """Write the bank file and its record in ``dataset.info`` (``updating``: keep the creation time)."""
+    path = bank.save(path or bank_path(dataset, bank_name))
+    positives, negatives = bank.counts(), bank.counts(negative=True)
+    old = list_banks(dataset).get(bank_name, {})
+    record = {
+        "path": str(path),
+        "digest": _file_digest(path),
+        "models": settings.to_dict(),
+        "proposer": settings.proposer,
+        "encoder": settings.encoder,
+        "preset": settings.preset,
+        "classes": list(bank.class_names),
+        "counts": [{"class": c, "references": positives[c], "negatives": negatives[c]} for c in bank.class_names],
+        "created_at": old.get("created_at", _now()) if updating else _now(),
+        "updated_at": _now(),
+    }
+    record.update(extra or {})
+    dataset.reload()
+    info = dict(dataset.info or {})
+    banks = dict(info.get(BANKS_KEY, {}) or {})
+    banks[bank_name] = record
+    info[BANKS_KEY] = banks
+    dataset.info = info
+    dataset.save()
+    return record
+
+
+def delete_bank(dataset: fo.Dataset, bank_name: str, delete_file: bool = True) -> None:
+    """Remove a bank's record (and its file)."""
+    record = bank_record(dataset, bank_name)
+    if delete_file:
+        Path(record["path"]).unlink(missing_ok=True)
+    info = dict(dataset.info or {})
+    banks = dict(info.get(BANKS_KEY, {}))
+    banks.pop(bank_name, None)
+    info[BANKS_KEY] = banks
+    dataset.info = info
+    dataset.save()
+
+
+def _capped(entries: list) -> list:
+    return entries[:MAX_REPORTED]
+
+
+# ---------------------------------------------------------------------------- references
+
+
+def _references_of(sample, image, label_field: str, classes: set | None, skipped: list) -> list[Reference]:
+    """The sample's instances in ``label_field`` as refseg references (mask, else box)."""
+    h, w = image.shape[:2]
+    labels = sample[label_field]
+    refs = []
+    for det in (labels.detections if labels is not None else []):
+        if classes is not None and det.label not in classes:
+            continue
+        source = {"sample_id": sample.id, "label_id": det.id, "field": label_field}
+        if det.label is None:
+            skipped.append({**source, "class": None, "reason": "detection has no label"})
+            continue
+        if det.bounding_box is None or len(det.bounding_box) != 4:
+            skipped.append({**source, "class": det.label, "reason": "detection has no bounding box"})
+            continue
+        try:
+            mask = detection_mask(det, h, w)
+        except Exception as exc:  # unreadable mask_path, odd arrays
+            skipped.append({**source, "class": det.label, "reason": f"cannot read mask: {exc}"})
+            continue
+        box = detection_box_pixels(det, h, w)
+        if mask is None and (box[2] - box[0] < 1 or box[3] - box[1] < 1):
+            skipped.append({**source, "class": det.label, "reason": "box narrower than a pixel and no mask"})
+            continue
+        refs.append(Reference(image=image, class_name=det.label, mask=mask, box=box, source=source))
+    return refs
+
+
+def _embed_into(bank: MemoryBank, ref_encoder: ReferenceEncoder, refs: list[Reference], negative: bool,
+                batch_size: int, used: dict, skipped: list) -> None:
+    """Embed ``refs`` and add the usable ones to ``bank`` (in place); count and explain the rest."""
+    if not refs:
+        return
+    for ref, result in zip(refs, ref_encoder.embed(refs, batch_size)):
+        if isinstance(result, UnusableReference):
+            skipped.append({**ref.source, "class": ref.class_name, "reason": str(result)})
+            continue
+        bank.add(ref.class_name, result, negative=negative, source=ref.source)
+        used[ref.class_name] = used.get(ref.class_name, 0) + 1
+
+
+class _LazyProposer:
+    """Gives a ReferenceEncoder its proposer only when a box-only reference needs one."""
+
+    def __init__(self, ref_encoder: ReferenceEncoder, settings: ModelSettings, device):
+        self.ref_encoder, self.settings, self.device = ref_encoder, settings, device
+
+    def ensure_for(self, refs: list[Reference]) -> None:
+        if self.ref_encoder.proposer is None and any(r.mask is None for r in refs):
+            self.ref_encoder.proposer = load_proposer(self.settings, self.device)
+
+
+def _class_report(classes: Iterable[str], used: dict, skipped: list) -> list[dict]:
+    rows = []
+    for c in classes:
+        reasons = sorted({s["reason"] for s in skipped if s.get("class") == c})
+        rows.append({"class": c, "used": used.get(c, 0),
+                     "skipped": sum(1 for s in skipped if s.get("class") == c), "reasons": reasons})
+    return rows
+
+
+def build_memory_bank(samples, *, label_field: str, bank_name: str = DEFAULT_BANK,
+                      reference_tag: str = DEFAULT_REFERENCE_TAG, classes: Iterable[str] | None = None,
+                      models: ModelSettings | None = None, device: str | None = None,
+                      batch_size: int = 8) -> dict:
+    """Build (or rebuild) a memory bank from the samples tagged ``reference_tag``.
+
+    Each instance of ``label_field`` (``Detections`` with masks, or boxes only:
+    those get a mask from the proposer's box prompt) of a selected class becomes
+    a reference. Saves the bank file and its record in ``dataset.info``; returns
+    a report: references used per class, and each skipped one with the reason.
+    """
+    dataset = _dataset_of(samples)
+    if not bank_name:
+        raise ValueError("no bank name given")
+    check_detections_field(samples, label_field, "reference")
+    refs_view = samples.match_tags(reference_tag)
+    n_samples = len(refs_view)
+    if n_samples == 0:
+        raise ValueError(f"no sample of the {len(samples)} here is tagged {reference_tag!r}: tag a few annotated "
+                         f"samples {reference_tag!r} (or name their tag) before building a bank")
+    present = [c for c in refs_view.distinct(f"{label_field}.detections.label") if c is not None]
+    if not present:
+        raise ValueError(f"the {n_samples} sample(s) tagged {reference_tag!r} have no instance in {label_field!r}: "
+                         "annotate them first")
+    wanted = list(dict.fromkeys(classes)) if classes else present
+    missing = [c for c in wanted if c not in present]
+    if not set(wanted) & set(present):
+        raise ValueError(f"none of the classes {wanted} has an instance in {label_field!r} on the reference samples "
+                         f"(present: {', '.join(present)})")
+
+    models = models or default_model_settings(dataset)
+    config = models.pipeline_config()
+    device = resolve_device(device, dataset)
+    encoder = load_encoder(models, device)
+    ref_encoder = ReferenceEncoder(encoder, config.reference, proposer=None,
+                                   proposal_image_size=config.proposal.image_size, precision=config.precision)
+    lazy = _LazyProposer(ref_encoder, models, device)
+    bank = MemoryBank(encoder.settings(), class_names=wanted)  # classes in a stable order
+    used: dict[str, int] = {}
+    skipped: list[dict] = []
+    wanted_set = set(wanted)
+    for sample in refs_view.select_fields(label_field).iter_samples():
+        try:
+            image = refseg.load_image(sample.filepath)
+        except ImageLoadError as exc:
+            labels = sample[label_field]
+            for det in (labels.detections if labels is not None else []):
+                if det.label in wanted_set:
+                    skipped.append({"sample_id": sample.id, "label_id": det.id, "field": label_field,
+                                    "class": det.label, "reason": str(exc)})
+            continue
+        refs = _references_of(sample, image, label_field, wanted_set, skipped)
+        lazy.ensure_for(refs)
+        _embed_into(bank, ref_encoder, refs, False, batch_size, used, skipped)
+
+    class_rows = _class_report(wanted, used, skipped)
+    for c, n in bank.counts().items():
+        if n == 0:
+            bank.remove_class(c)  # no usable reference: the class is reported, not kept
+    if not len(bank):
+        detail = "; ".join(f"{r['class']}: {', '.join(r['reasons']) or 'no usable instance'}" for r in class_rows)
+        raise ValueError(f"no usable reference: nothing was saved ({detail})")
+    record = _save_bank(dataset, bank_name, bank, models, extra={
+        "label_field": label_field, "reference_tag": reference_tag})
+    return {
+        "bank": bank_name,
+        "path": record["path"],
+        "classes": class_rows,
+        "unusable_classes": [r["class"] for r in class_rows if r["used"] == 0],
+        "missing_classes": missing,
+        "num_references": len(bank),
+        "num_skipped": len(skipped),
+        "skipped": _capped(skipped),
+    }
+
+
+def update_memory_bank_from_review(samples, *, bank_name: str = DEFAULT_BANK,
+                                   pred_field: str = DEFAULT_OUTPUT_FIELD, rejected_tag: str = "rejected",
+                                   accepted_tag: str = "accepted", device: str | None = None,
+                                   batch_size: int = 8) -> dict:
+    """Fold reviewed predictions back into a bank.
+
+    Predictions in ``pred_field`` whose label tags include ``rejected_tag`` become
+    negative references of their predicted class (a later proposal closer to one
+    of them than to the class prototype is dropped); those tagged ``accepted_tag``
+    become ordinary references. A prediction already in the bank (same label id)
+    is not added twice. Re-run :func:`auto_label` afterwards: the bank's digest
+    changes, so every target is labelled again with the new bank.
+    """
+    dataset = _dataset_of(samples)
+    check_detections_field(samples, pred_field, "prediction")
+    tags = [t for t in (rejected_tag, accepted_tag) if t]
+    if not tags:
+        raise ValueError("give the tag of rejected and/or accepted predictions")
+    bank, record = load_bank(dataset, bank_name)
+    models = ModelSettings.from_dict(record["models"])
+    config = models.pipeline_config()
+    device = resolve_device(device, dataset)
+    encoder = load_encoder(models, device)
+    bank.check_encoder(encoder.settings())
+    ref_encoder = ReferenceEncoder(encoder, config.reference, proposer=None,
+                                   proposal_image_size=config.proposal.image_size, precision=config.precision)
+    lazy = _LazyProposer(ref_encoder, models, device)
+    reviewed = samples.select_labels(tags=tags, fields=pred_field)
+    counts = {"negative": {}, "positive": {}}
+    skipped: list[dict] = []
+    already = 0
+    for sample in reviewed.select_fields(pred_field).iter_samples():
+        try:
+            image = refseg.load_image(sample.filepath)
+        except ImageLoadError as exc:
+            skipped.append({"sample_id": sample.id, "class": None, "reason": str(exc)})
+            continue
+        refs = {True: [], False: []}  # negative? -> references
+        tags_by_id = {d.id: d.tags for d in sample[pred_field].detections}
+        for ref in _references_of(sample, image, pred_field, None, skipped):
+            tags_of = tags_by_id[ref.source["label_id"]]
+            is_rejected, is_accepted = rejected_tag in tags_of, accepted_tag in tags_of
+            if is_rejected and is_accepted:
+                skipped.append({**ref.source, "class": ref.class_name, "reason": "tagged both rejected and accepted"})
+                continue
+            if bank.find(label_id=ref.source["label_id"]):
+                already += 1
+                continue
+            ref.source["review"] = rejected_tag if is_rejected else accepted_tag
+            refs[is_rejected].append(ref)
+        for negative, group in refs.items():
+            lazy.ensure_for(group)
+            _embed_into(bank, ref_encoder, group, negative, batch_size,
+                        counts["negative" if negative else "positive"], skipped)
+    added = sum(sum(c.values()) for c in counts.values())
+    if added:
+        extra = {k: record[k] for k in ("label_field", "reference_tag") if k in record}
+        record = _save_bank(dataset, bank_name, bank, models, path=_bank_file(dataset, record, bank_name),
+                            extra=extra, updating=True)
+    return {
+        "bank": bank_name,
+        "negatives_added": [{"class": c, "count": n} for c, n in counts["negative"].items()],
+        "references_added": [{"class": c, "count": n} for c, n in counts["positive"].items()],
+        "num_added": added,
+        "already_in_bank": already,
+        "num_skipped": len(skipped),
+        "skipped": _capped(skipped),
+        "counts": record["counts"],
+    }
+
+
+# ---------------------------------------------------------------------------- labelling
+
+
+def run_key(record: dict, models: ModelSettings, config: PipelineConfig) -> str:
+    """Identity of a labelling run: the bank's content, the models and every setting."""
+    payload = {"bank_digest": record.get("digest"), "models": models.to_dict(), "config": config.to_dict()}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _write_labels(sample, label_field: str, labels: fo.Detections) -> None:
+    """Store one sample's labels (one atomic update: labels and run key together)."""
+    sample[label_field] = labels
+    sample.save()
+
+
+def _targets(samples, reference_tag: str | None):
+    return samples.match_tags(reference_tag, bool=False) if reference_tag else samples
+
+
+def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str = DEFAULT_OUTPUT_FIELD,
+                    reference_tag: str | None = DEFAULT_REFERENCE_TAG, batch_size: int = 1,
+                    device: str | None = None, score_threshold: float | None = None, preset: str | None = None,
+                    overrides: str | dict | None = None, existing: str = "resume", cache_candidates: bool = False
+                    ) -> Generator[Progress, None, dict]:
+    """Label the samples (except those tagged ``reference_tag``) with a bank; yields progress, returns a report.
+
+    ``existing`` decides what happens to samples whose ``label_field`` is already set:
+    ``resume`` (default) skips those labelled by this very run (same bank content,
+    models and settings) and relabels the rest, but leaves alone labels not written
+    by refseg; ``skip_labelled`` skips every sample that has the field;
+    ``overwrite`` relabels everything. Each sample is saved when done; a missing
+    or unreadable image is reported and the others are labelled.
+
+    ``cache_candidates`` keeps each image's proposals and features on disk
+    (:class:`refseg.candidate_cache.CandidateCache` under :func:`candidate_dir`), so
+    labelling again after the bank changed (review loop) or with other merge settings
+    runs no network; the labels are the same as without the cache.
+    """
+    if existing not in EXISTING_MODES:
+        raise ValueError(f"existing must be one of {', '.join(EXISTING_MODES)}, not {existing!r}")
+    dataset = _dataset_of(samples)
+    bank, record = load_bank(dataset, bank_name)
+    models = ModelSettings.from_dict(record["models"])
+    extra_overrides = parse_overrides(overrides)
+    if score_threshold is not None:
+        extra_overrides += (("merge.score_threshold", float(score_threshold)),)
+    if preset or extra_overrides:
+        merged = dict(models.overrides)
+        merged.update(dict(extra_overrides))
+        models = models.updated(preset=preset, overrides=merged)
+    config = models.pipeline_config()
+    key = run_key(record, models, config)
+    _ensure_output_field(dataset, label_field)
+
+    targets = _targets(samples, reference_tag)
+    n_targets = len(targets)
+    foreign = 0
+    if existing == "resume":
+        todo = targets.match(F(f"{label_field}.{RUN_ATTR}") != key)
+        foreign_view = todo.exists(label_field).match(~F(f"{label_field}.{RUN_ATTR}").exists())
+        foreign_ids = set(foreign_view.values("id"))
+        foreign = len(foreign_ids)
+        ids = [i for i in todo.values("id") if i not in foreign_ids]
+    elif existing == "skip_labelled":
+        ids = targets.exists(label_field, False).values("id")
+    else:
+        ids = targets.values("id")
+    done_before = n_targets - len(ids) - foreign
+
+    device = resolve_device(device, dataset)
+    total = len(ids)
+    segmenter = Segmenter(load_proposer(models, device), load_encoder(models, device), bank, config) if total else None
+    cache = _candidate_cache(dataset, segmenter) if cache_candidates and segmenter is not None else None
+    started = _now()
+    failed: list[dict] = []
+    labelled = instances = 0
+    yield Progress(0, total, f"labelling {total} sample(s)")
+    for start in range(0, total, max(1, int(batch_size))):
+        chunk = ids[start:start + max(1, int(batch_size))]
+        batch = []  # (sample, image or path, cache key)
+        for sample in dataset.select(chunk, ordered=True).select_fields(label_field).iter_samples():
+            try:
+                cache_key = image_key(sample.filepath) if cache is not None else None
+                if cache_key is not None and cache_key in cache:
+                    batch.append((sample, sample.filepath, cache_key))  # a hit: no decode, no network
+                else:
+                    batch.append((sample, refseg.load_image(sample.filepath), cache_key))
+            except ImageLoadError as exc:
+                failed.append({"sample_id": sample.id, "filepath": sample.filepath, "error": str(exc)})
+        if batch:
+            images = [image for _, image, _ in batch]
+            if cache is not None:
+                results = segmenter.predict_batch(images, cache=cache, keys=[k for _, _, k in batch])
+            else:
+                results = segmenter.predict_batch(images)
+            for (sample, _, _), dets in zip(batch, results):
+                labels = to_fiftyone_detections(dets, **{RUN_ATTR: key, BANK_ATTR: bank_name})
+                _write_labels(sample, label_field, labels)
+                labelled += 1
+                instances += len(labels.detections)
+        done = min(start + len(chunk), total)
+        yield Progress(done, total, f"{done}/{total} samples labelled" + (f", {len(failed)} failed" if failed else ""))
+
+    report = {
+        "bank": bank_name,
+        "label_field": label_field,
+        "run_key": key,
+        "num_targets": n_targets,
+        "num_labelled": labelled,
+        "num_instances": instances,
+        "num_already_done": done_before,
+        "num_foreign_skipped": foreign,
+        "num_failed": len(failed),
+        "failed": _capped(failed),
+        "cache": ({"path": str(cache.root), **{k: int(v) for k, v in cache.stats.items()}}
+                  if cache is not None else None),
+        "started_at": started,
+        "finished_at": _now(),
+    }
+    _record_run(dataset, label_field, report)
+    return report
+
+
+def _candidate_cache(dataset: fo.Dataset, segmenter: Segmenter) -> CandidateCache:
+    """The dataset's candidate cache for these models and stage-1 settings (one folder per settings)."""
+    settings = stage1_settings(segmenter)
+    return CandidateCache(candidate_dir(dataset) / _slug(dataset.name) / settings_hash(settings), settings)
+
+
+def _record_run(dataset: fo.Dataset, label_field: str, report: dict) -> None:
+    dataset.reload()
+    info = dict(dataset.info or {})
+    runs = dict(info.get(RUNS_KEY, {}) or {})
+    runs[label_field] = {k: v for k, v in report.items() if k != "failed"}
+    info[RUNS_KEY] = runs
+    dataset.info = info
+    dataset.save()
+
+
+def exhaust(generator: Generator[Progress, None, dict], progress: Callable[[Progress], None] | None = None) -> dict:
+    """Run an ``iter_*`` generator to the end, passing each progress to ``progress``; returns its report."""
+    while True:
+        try:
+            update = next(generator)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(update)
+
+
+def auto_label(samples, progress: Callable[[Progress], None] | None = None, **kwargs) -> dict:
+    """:func:`iter_auto_label` run to the end; returns its report."""
+    return exhaust(iter_auto_label(samples, **kwargs), progress)
+
+
+def iter_boxes_to_masks(samples, *, label_field: str, out_field: str | None = None, models: ModelSettings | None = None,
+                        device: str | None = None, overwrite: bool = False) -> Generator[Progress, None, dict]:
+    """Give box-only detections of ``label_field`` a mask from the proposer's box prompt.
+
+    The box is kept and the mask is cropped to it (FiftyOne's layout). With
+    ``out_field`` the result goes to a copy of the field; with ``overwrite``
+    detections that already have a mask get a new one too.
+    """
+    dataset = _dataset_of(samples)
+    check_detections_field(samples, label_field, "box")
+    out_field = out_field or label_field
+    if out_field != label_field:
+        _ensure_output_field(dataset, out_field)
+    models = models or default_model_settings(dataset)
+    config = models.pipeline_config()
+    device = resolve_device(device, dataset)
+    # a ReferenceEncoder without an encoder: only its box -> mask step is used
+    prompter = ReferenceEncoder(None, config.reference, proposer=load_proposer(models, device),
+                                proposal_image_size=config.proposal.image_size, precision=config.precision)
+    if overwrite or out_field != label_field:
+        view = samples.exists(label_field)
+    else:
+        view = samples.filter_labels(label_field, F("mask").exists(False) & F("mask_path").exists(False))
+    ids = view.values("id")
+    total = len(ids)
+    converted = empty = 0
+    failed: list[dict] = []
+    yield Progress(0, total, f"{total} sample(s) with boxes to segment")
+    for i, sample in enumerate(dataset.select(ids, ordered=True).iter_samples(), start=1):
+        try:
+            image = refseg.load_image(sample.filepath)
+        except ImageLoadError as exc:
+            failed.append({"sample_id": sample.id, "filepath": sample.filepath, "error": str(exc)})
+            continue
+        h, w = image.shape[:2]
+        labels = sample[label_field].copy() if out_field != label_field else sample[label_field]
+        for det in labels.detections:
+            if det.has_mask and not overwrite:
+                continue
+            if det.bounding_box is None:
+                continue
+            x1, y1, x2, y2 = box_to_pixels(det.bounding_box, h, w)
+            if x2 <= x1 or y2 <= y1:
+                empty += 1
+                continue
+            full = prompter.mask_from_box(image, detection_box_pixels(det, h, w))
+            crop = mask_to_crop(full, det.bounding_box)
+            if not crop.any():
+                empty += 1
+                continue
+            det.mask, det.mask_path = crop, None
+            converted += 1
+        _write_labels(sample, out_field, labels)
+        yield Progress(i, total, f"{i}/{total} samples")
+    return {"label_field": label_field, "out_field": out_field, "num_samples": total, "num_masks": converted,
+            "num_empty": empty, "num_failed": len(failed), "failed": _capped(failed)}
+
+
+def boxes_to_masks(samples, progress: Callable[[Progress], None] | None = None, **kwargs) -> dict:
+    """:func:`iter_boxes_to_masks` run to the end; returns its report."""
+    return exhaust(iter_boxes_to_masks(samples, **kwargs), progress)
+
+
+# ---------------------------------------------------------------------------- evaluation and export
+
+
+def evaluate_auto_labels(samples, *, pred_field: str = DEFAULT_OUTPUT_FIELD, gt_field: str,
+                         eval_key: str = "refseg_eval", reference_tag: str | None = DEFAULT_REFERENCE_TAG,
+                         iou: float = 0.5, use_masks: bool = True, only_labelled: bool = True) -> dict:
+    """FiftyOne's COCO-style ``evaluate_detections`` of ``pred_field`` against ``gt_field``.
+
+    Reference samples are left out (their labels made the bank); with
+    ``only_labelled``, so are samples the labelling run has not reached yet.
+    Returns mAP and per-class AP (-1 where a class has no ground truth).
+    """
+    dataset = _dataset_of(samples)
+    check_detections_field(samples, pred_field, "prediction")
+    check_detections_field(samples, gt_field, "ground truth")
+    view = _targets(samples, reference_tag)
+    if only_labelled:
+        view = view.exists(pred_field)
+    if len(view) == 0:
+        raise ValueError(f"no sample to evaluate: none has predictions in {pred_field!r}"
+                         + (f" outside the {reference_tag!r} samples" if reference_tag else ""))
+    if eval_key in dataset.list_evaluations():
+        dataset.delete_evaluation(eval_key)
+    results = view.evaluate_detections(pred_field, gt_field=gt_field, eval_key=eval_key, use_masks=use_masks,
+                                       compute_mAP=True, iou=iou)
+    classes = [c for c in results.classes]
+    per_class = [{"class": c, "AP": float(results.mAP(classes=[c]))} for c in classes]
+    return {
+        "eval_key": eval_key,
+        "mAP": float(results.mAP()),
+        "classes": per_class,
+        "num_samples": len(view),
+        "tp": int(sum(view.values(f"{eval_key}_tp"))),
+        "fp": int(sum(view.values(f"{eval_key}_fp"))),
+        "fn": int(sum(view.values(f"{eval_key}_fn"))),
+    }
+
+
+def export_coco(samples, *, label_field: str, export_dir: str, mask_format: str = "rle", export_media: bool = False,
+                classes: list[str] | None = None) -> dict:
+    """Write a COCO instances file of ``label_field`` (and copy the images if asked).
+
+    ``mask_format="rle"``: lossless compressed RLE masks, written here
+    (``<export_dir>/labels.json``, images under ``<export_dir>/data/`` or referenced
+    by absolute path). ``"polygons"``: FiftyOne's own COCO exporter (polygons traced
+    with a 2-pixel tolerance; holes are lost). Both load back with
+    ``fo.Dataset.from_dir(dataset_type=fo.types.COCODetectionDataset, ...)``.
+    """
+    if mask_format not in ("rle", "polygons"):
+        raise ValueError(f"mask_format must be 'rle' or 'polygons', not {mask_format!r}")
+    check_detections_field(samples, label_field, "export")
+    export_dir = Path(export_dir).expanduser()
+    export_dir.mkdir(parents=True, exist_ok=True)
+    labels_path = export_dir / "labels.json"
+    if classes is None:
+        classes = sorted(c for c in samples.distinct(f"{label_field}.detections.label") if c is not None)
+    if mask_format == "polygons":
+        samples.export(export_dir=str(export_dir), dataset_type=fo.types.COCODetectionDataset,
+                       label_field=label_field, export_media=export_media, abs_paths=not export_media,
+                       classes=classes, overwrite=False)
+        return {"labels_path": str(labels_path), "mask_format": mask_format, "num_images": len(samples),
+                "data_path": str(export_dir / "data") if export_media else None}
+
+    categories = [{"id": i + 1, "name": c, "supercategory": ""} for i, c in enumerate(classes)]
+    cat_ids = {c: i + 1 for i, c in enumerate(classes)}
+    data_dir = export_dir / "data"
+    if export_media:
+        data_dir.mkdir(exist_ok=True)
+    names = fou.UniqueFilenameMaker(output_dir=str(data_dir) if export_media else None)
+    images, annotations, failed = [], [], []
+    for image_id, sample in enumerate(samples.select_fields(label_field).iter_samples(), start=1):
+        try:
+            h, w = image_size(sample.filepath)  # after EXIF rotation, like the masks' frame
+        except ImageLoadError as exc:
+            failed.append({"sample_id": sample.id, "filepath": sample.filepath, "error": str(exc)})
+            continue
+        if export_media:
+            out = names.get_output_path(sample.filepath)
+            shutil.copy2(sample.filepath, out)
+            file_name = os.path.basename(out)
+        else:
+            file_name = os.path.abspath(sample.filepath)
+        images.append({"id": image_id, "file_name": file_name, "width": w, "height": h})
+        labels = sample[label_field]
+        for det in (labels.detections if labels is not None else []):
+            if det.label not in cat_ids or det.bounding_box is None:
+                continue
+            x1, y1, x2, y2 = detection_box_pixels(det, h, w)
+            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_ids[det.label],
+                   "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float((x2 - x1) * (y2 - y1)), "iscrowd": 0}
+            mask = detection_mask(det, h, w)
+            if mask is not None:
+                ann["segmentation"] = refseg.encode_rle(mask)
+                ann["area"] = float(mask.sum())
+            if det.confidence is not None:
+                ann["score"] = float(det.confidence)
+            annotations.append(ann)
+    info = {"description": f"{_dataset_of(samples).name}: {label_field}", "date_created": _now()}
+    labels_path.write_text(json.dumps({"info": info, "images": images, "annotations": annotations,
+                                       "categories": categories}))
+    return {"labels_path": str(labels_path), "mask_format": mask_format, "num_images": len(images),
+            "num_annotations": len(annotations), "data_path": str(data_dir) if export_media else None,
+            "num_failed": len(failed), "failed": _capped(failed)}
