@@ -1,0 +1,596 @@
+"""The ``refseg`` command line: sample references, build a bank, predict, evaluate, render.
+
+Every subcommand only translates arguments into calls of the Python API
+(:mod:`refseg.coco`, :class:`refseg.ReferenceEncoder`, :class:`refseg.Segmenter`,
+:mod:`refseg.predict_job`, :mod:`refseg.visualize`). User errors (missing files,
+unknown classes, a bank built for other features...) end with exit code 2 and a
+one-line message; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+
+DEFAULT_PROPOSER = "sam2_hiera_l"
+DEFAULT_ENCODER = "dinov2_vitl14"
+DEFAULT_INPUT_SIZE = 518
+REFERENCE_CHUNK = 64  # references decoded and encoded at a time by build-bank (bounds memory)
+
+
+class UsageError(Exception):
+    """A problem with the user's input: reported in one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _say(*parts) -> None:
+    print(*parts, flush=True)
+
+
+def _warn(message: str) -> None:
+    print(f"refseg: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _need_file(path: str | None, what: str) -> Path:
+    if path is None:
+        raise UsageError(f"{what} is required")
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{what} not found: {p}")
+    return p
+
+
+def _need_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise UsageError(f"{what} not found (or not a folder): {p}")
+    return p
+
+
+def _parse_value(text: str):
+    """``--set`` values: JSON when it parses (numbers, true/false, null), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _config(args):
+    """The pipeline settings: the preset, then ``--set key=value`` overrides in order."""
+    from .config import get_preset
+
+    try:
+        cfg = get_preset(args.preset)
+    except KeyError as exc:
+        raise UsageError(exc.args[0]) from None
+    overrides = {}
+    for item in args.set or []:
+        if "=" not in item:
+            raise UsageError(f"--set expects KEY=VALUE (e.g. merge.top_k=50), got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key.strip()] = _parse_value(value.strip())
+    try:
+        return cfg.with_overrides(**overrides)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UsageError(f"bad --set: {exc.args[0] if exc.args else exc}") from None
+
+
+def _random_weights_banner() -> None:
+    bar = "!" * 78
+    print(f"{bar}\n!! --random-weights: the networks are RANDOMLY INITIALISED (fixed seed). The results are\n"
+          f"!! meaningless; this only tries the flow without checkpoints.\n{bar}", file=sys.stderr, flush=True)
+
+
+def _build(kind: str, spec: str, args, **kwargs):
+    """Build the proposer or encoder; import/registry problems become usage errors."""
+    from . import plugins
+
+    build = plugins.build_proposer if kind == "proposer" else plugins.build_encoder
+    if getattr(args, "random_weights", False):
+        import torch
+
+        torch.manual_seed(0)  # the same random networks in build-bank and predict
+    try:
+        return build(spec, device=args.device, cache_dir=args.cache_dir, offline=args.offline or None,
+                     random_init=getattr(args, "random_weights", False), **kwargs)
+    except (ImportError, AttributeError, TypeError, KeyError) as exc:
+        raise UsageError(f"cannot build {kind} {spec!r}: {exc.args[0] if exc.args else exc}") from None
+
+
+def _write_json(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- sample
+
+
+def cmd_sample(args) -> int:
+    from .coco import category_names, sample_few_shot
+
+    coco_path = _need_file(args.coco, "COCO file")
+    refs = sample_few_shot(coco_path, args.shots, seed=args.seed, categories=args.classes, min_size=args.min_size,
+                           border=args.border, allow_fewer=args.allow_fewer)
+    out = Path(args.out)
+    _write_json(out, refs)
+    names = category_names(refs)
+    counts: dict[int, int] = {cid: 0 for cid in names}
+    for ann in refs["annotations"]:
+        counts[int(ann["category_id"])] = counts.get(int(ann["category_id"]), 0) + 1
+    for cid, n in counts.items():
+        _say(f"  {names.get(cid, cid)}: {n} reference(s)")
+    _say(f"{len(refs['annotations'])} references of {len(counts)} class(es) on {len(refs['images'])} image(s) "
+         f"(seed {args.seed}) written to {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- build-bank
+
+
+def cmd_build_bank(args) -> int:
+    from .coco import category_names, iter_references, read_coco, resolve_classes
+    from .memory_bank import BankError, MemoryBank
+    from .references import BankReport, ReferenceEncoder
+
+    refs_path = _need_file(args.references, "reference file")
+    image_dir = _need_dir(args.images, "image folder")
+    if args.add_to:
+        _need_file(args.add_to, "bank to add to")
+    cfg = _config(args)
+    data = read_coco(refs_path)
+    wanted = resolve_classes(args.classes, data)
+    annotations = [a for a in data["annotations"] if wanted is None or int(a["category_id"]) in wanted]
+    if not annotations:
+        raise UsageError(f"{refs_path} holds no annotation" + (" of the selected classes" if wanted else ""))
+    names = category_names(data)
+    box_only = sum(1 for a in annotations if not a.get("segmentation"))
+
+    if args.random_weights:
+        _random_weights_banner()
+    encoder = _build("encoder", args.encoder, args, checkpoint=args.encoder_checkpoint, input_size=args.input_size)
+    if args.add_to:
+        bank = MemoryBank.load(args.add_to, encoder.settings())
+        _say(f"adding to {args.add_to}: {bank}")
+    else:
+        bank = MemoryBank(encoder.settings())
+    proposer = None
+    if box_only:
+        _say(f"{box_only} box-only reference(s): loading {args.proposer} to turn boxes into masks")
+        proposer = _build("proposer", args.proposer, args, checkpoint=args.proposer_checkpoint, config=cfg.proposal)
+    ref_encoder = ReferenceEncoder(encoder, cfg.reference, proposer, cfg.proposal.image_size, cfg.precision)
+
+    report = BankReport()
+    skipped: list[tuple[dict, str, str]] = []
+    chunk = []
+    t0 = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal bank
+        if not chunk:
+            return
+        bank, part = ref_encoder.build_bank(chunk, bank, negative=args.negative, batch_size=args.batch_size)
+        for c, n in part.used.items():
+            report.used[c] = report.used.get(c, 0) + n
+        report.skipped.extend(part.skipped)
+        chunk.clear()
+
+    for ref in iter_references(data, image_dir, skipped, categories=wanted):
+        chunk.append(ref)
+        if len(chunk) >= REFERENCE_CHUNK:
+            flush()
+    flush()
+    report.skipped = skipped + report.skipped
+
+    kind = "negative" if args.negative else "positive"
+    classes = [names.get(int(cid), str(cid)) for cid in dict.fromkeys(int(a["category_id"]) for a in annotations)]
+    _say(f"{kind} references per class ({time.perf_counter() - t0:.1f}s):")
+    for c in classes:
+        n_skip = sum(1 for _, sc, _ in report.skipped if sc == c)
+        _say(f"  {c}: {report.used.get(c, 0)} used" + (f", {n_skip} skipped" if n_skip else ""))
+    for source, c, reason in report.skipped:
+        _say(f"  skipped {c} (image {source.get('image')!r}, annotation {source.get('annotation_id')}): {reason}")
+    unusable = [c for c in classes if not report.used.get(c)]
+    if not report.used:
+        raise BankError("no usable reference: nothing was added to the bank (see the reasons above)")
+    if unusable:
+        _warn(f"no usable reference for {len(unusable)} class(es): {', '.join(unusable)}; "
+              f"{'they are not in the bank' if not args.add_to else 'they got nothing new'}")
+    bank.check_usable()
+    out = bank.save(args.out)
+    _say(f"memory bank written to {out}: {bank}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- predict
+
+
+def _category_ids(class_names: list[str], coco: dict | None) -> tuple[dict[str, int], list[dict]]:
+    """Bank class -> COCO category id (by name from ``coco``, else 1..C in bank order), and the category list."""
+    if coco is None:
+        mapping = {c: i + 1 for i, c in enumerate(class_names)}
+        return mapping, [{"id": i, "name": c} for c, i in mapping.items()]
+    by_name = {str(c["name"]): int(c["id"]) for c in coco.get("categories", [])}
+    by_lower = {n.lower(): i for n, i in by_name.items()}
+    mapping: dict[str, int] = {}
+    unmatched = []
+    for c in class_names:
+        cid = by_name.get(c, by_lower.get(c.lower()))
+        if cid is None:
+            unmatched.append(c)
+        else:
+            mapping[c] = cid
+    if not mapping:
+        raise UsageError(f"no bank class matches a category of the targets' COCO file by name "
+                         f"(bank: {', '.join(class_names)}; file: {', '.join(list(by_name)[:20])})")
+    next_id = max([*by_name.values(), 0]) + 1
+    for c in unmatched:
+        mapping[c] = next_id
+        next_id += 1
+    if unmatched:
+        _warn(f"bank class(es) not among the targets' categories: {', '.join(unmatched)}; "
+              f"they get new ids {', '.join(str(mapping[c]) for c in unmatched)}")
+    return mapping, [{"id": i, "name": c} for c, i in mapping.items()]
+
+
+def cmd_predict(args) -> int:
+    from .coco import read_coco
+    from .memory_bank import MemoryBank
+    from .pipeline import Segmenter
+    from .predict_job import list_images, run_prediction, sidecar_path
+
+    bank_path = _need_file(args.bank, "memory bank")
+    image_dir = _need_dir(args.images, "image folder")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    coco = read_coco(_need_file(args.coco, "targets' COCO file")) if args.coco else None
+    cfg = _config(args)
+    bank = MemoryBank.load(bank_path)
+    bank.check_usable()
+
+    if coco is not None:
+        targets = [(int(im["id"]), str(im["file_name"])) for im in coco["images"]]
+    else:
+        targets = list_images(image_dir)
+    if args.limit is not None:
+        targets = targets[:args.limit]
+    if not targets:
+        raise UsageError(f"no target image: {'the COCO file lists none' if coco else f'no image file in {image_dir}'}")
+    mapping, categories = _category_ids(bank.class_names, coco)
+
+    encoder_spec = args.encoder
+    if encoder_spec is None:
+        from .models.dinov2_encoder import DINOV2_VARIANTS
+
+        encoder_spec = str(bank.encoder_settings.get("name", ""))
+        if encoder_spec not in DINOV2_VARIANTS:
+            raise UsageError(f"the bank was built with encoder {encoder_spec!r}, which is not a registered model "
+                             f"name: pass it with --encoder (e.g. --encoder package.module:Class)")
+    input_size = int(bank.encoder_settings.get("input_size", DEFAULT_INPUT_SIZE))
+    if args.random_weights:
+        _random_weights_banner()
+    encoder = _build("encoder", encoder_spec, args, checkpoint=args.encoder_checkpoint, input_size=input_size)
+    bank.check_encoder(encoder.settings())
+    proposer = _build("proposer", args.proposer, args, checkpoint=args.proposer_checkpoint, config=cfg.proposal)
+    segmenter = Segmenter(proposer, encoder, bank, cfg)
+
+    out = Path(args.out)
+    _write_json(sidecar_path(out, ".categories.json"), categories)
+    _write_json(sidecar_path(out, ".images.json"), [{"id": i, "file_name": f} for i, f in targets])
+    _say(f"labelling {len(targets)} image(s) with {len(bank.class_names)} class(es) "
+         f"({cfg.name} settings, batch {args.batch_size})")
+    run = run_prediction(segmenter, targets, out, mapping, image_root=image_dir, batch_size=args.batch_size,
+                         keep_partial=not args.remove_partial, restart=args.restart,
+                         progress=False if args.quiet else None)
+    _say(run.summary())
+    if run.failed:
+        _warn(f"{len(run.failed)} image(s) could not be labelled (listed above); rerun the command to retry them")
+    _say(f"category ids: {sidecar_path(out, '.categories.json')}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- evaluate
+
+
+def cmd_evaluate(args) -> int:
+    from .coco import evaluate
+
+    gt = _need_file(args.gt, "ground-truth file")
+    results = _need_file(args.results, "results file")
+    iou_types = [t.strip() for t in args.iou_types.split(",") if t.strip()]
+    bad = [t for t in iou_types if t not in ("bbox", "segm")]
+    if bad or not iou_types:
+        raise UsageError(f"--iou-types takes bbox and/or segm, got {args.iou_types!r}")
+    stats = evaluate(gt, results, iou_types=iou_types, classes=args.classes)
+    _say("")
+    for t, s in stats.items():
+        _say(f"{t}: AP {100 * s['AP']:.1f}  AP50 {100 * s['AP50']:.1f}  AP75 {100 * s['AP75']:.1f}")
+    if args.json_out:
+        _write_json(Path(args.json_out), stats)
+        _say(f"statistics written to {args.json_out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- render
+
+
+def cmd_render(args) -> int:
+    from .coco import category_names, read_coco, read_results
+    from .predict_job import sidecar_path
+    from .visualize import render_coco_results
+
+    image_dir = _need_dir(args.images, "image folder")
+    results_path = _need_file(args.results, "results file")
+    results = read_results(results_path)
+    if args.gt:
+        gt = read_coco(_need_file(args.gt, "COCO file"))
+        images = {int(im["id"]): str(im["file_name"]) for im in gt["images"]}
+        names = category_names(gt)
+    else:
+        images_file = sidecar_path(results_path, ".images.json")
+        if not images_file.is_file():
+            raise UsageError(f"no file names for the image ids: pass --gt (the COCO file of the images) or keep "
+                             f"{images_file} written by 'refseg predict'")
+        images = {int(d["id"]): str(d["file_name"]) for d in json.loads(images_file.read_text())}
+        names = {}
+    cats_file = sidecar_path(results_path, ".categories.json")
+    if cats_file.is_file():
+        names = {**{int(c["id"]): str(c["name"]) for c in json.loads(cats_file.read_text())}, **names}
+    written = render_coco_results(results, image_dir, args.out, images, names, max_images=args.max_images,
+                                  score_threshold=args.score_threshold, max_detections=args.max_detections)
+    if not written:
+        _warn(f"nothing rendered: no detection scored at least {args.score_threshold} on a readable image")
+    else:
+        _say(f"{len(written)} picture(s) written to {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args) -> int:
+    from .testing import make_synthetic_coco
+
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    train_images, train_json = make_synthetic_coco(out / "train", n_images=8, seed=1)
+    val_images, val_json = make_synthetic_coco(out / "val", n_images=6, seed=2)
+    _say(f"synthetic data: {train_json} (references), {val_json} (targets)")
+    toy = ["--encoder", "refseg.testing:ColorEncoder", "--device", "cpu", "--set", "proposal.image_size=256"]
+    steps = [
+        ["sample", "--coco", str(train_json), "--shots", str(args.shots), "--seed", "33", "--allow-fewer",
+         "--out", str(out / "refs.json")],
+        ["build-bank", "--references", str(out / "refs.json"), "--images", str(train_images),
+         "--out", str(out / "bank.safetensors"), "--proposer", "refseg.testing:ColorRegionProposer", *toy],
+        ["predict", "--bank", str(out / "bank.safetensors"), "--coco", str(val_json), "--images", str(val_images),
+         "--out", str(out / "results.json"), "--proposer", "refseg.testing:ColorRegionProposer", "--restart",
+         "--quiet", *toy],
+        ["evaluate", "--gt", str(val_json), "--results", str(out / "results.json"),
+         "--json-out", str(out / "metrics.json")],
+        ["render", "--images", str(val_images), "--results", str(out / "results.json"), "--gt", str(val_json),
+         "--out", str(out / "renders"), "--max-images", "3", "--score-threshold", "0.5"],
+    ]
+    for step in steps:
+        _say(f"\n$ refseg {' '.join(step)}")
+        rc = main(step + (["--debug"] if args.debug else []))
+        if rc:
+            return rc
+    _say(f"\ndemo finished in {time.perf_counter() - t0:.1f}s; everything is in {out}:")
+    for name in ("refs.json", "bank.safetensors", "results.json", "metrics.json", "renders"):
+        _say(f"  {out / name}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def cmd_models(args) -> int:
+    from .models.checkpoints import cache_dir
+    from .models.dinov2_encoder import DINOV2_VARIANTS
+    from .models.sam2_proposer import SAM2_VARIANTS
+
+    root = cache_dir(args.cache_dir)
+    _say(f"checkpoint cache: {root} (--cache-dir or $REFSEG_CACHE_DIR)")
+    rows = [("proposer", name, v.checkpoint) for name, v in SAM2_VARIANTS.items()]
+    rows += [("encoder", name, v.checkpoint) for name, v in DINOV2_VARIANTS.items()]
+    width = max(len(name) for _, name, _ in rows)
+    for kind, name, spec in rows:
+        present = "present" if (root / spec.filename).is_file() else "missing"
+        default = " (default)" if name in (DEFAULT_PROPOSER, DEFAULT_ENCODER) else ""
+        _say(f"  {kind:<8} {name:<{width}}  {present:<7}  {spec.url}{default}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def _add_model_options(p: argparse.ArgumentParser, proposer_help: str) -> None:
+    g = p.add_argument_group("models")
+    g.add_argument("--proposer", default=DEFAULT_PROPOSER,
+                   help=f"{proposer_help} A SAM2 name (see 'refseg models') or an import path "
+                        f"package.module:Class (default {DEFAULT_PROPOSER}).")
+    g.add_argument("--proposer-checkpoint", metavar="PATH", help="local SAM2 checkpoint instead of the cached one")
+    g.add_argument("--encoder-checkpoint", metavar="PATH", help="local DINOv2 checkpoint instead of the cached one")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps or auto (default: auto)")
+    g.add_argument("--cache-dir", metavar="DIR", help="checkpoint cache (default $REFSEG_CACHE_DIR or ~/.cache/refseg)")
+    g.add_argument("--offline", action="store_true", help="never download; use cached or given checkpoints only")
+    g.add_argument("--random-weights", action="store_true",
+                   help="randomly initialised networks (seeded): tries the flow without checkpoints; results are "
+                        "meaningless")
+
+
+def _add_settings_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("settings")
+    g.add_argument("--preset", default="paper", help="settings preset: paper (published numbers) or fast")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one setting, e.g. --set merge.top_k=50 --set proposal.points_per_side=16 "
+                        "(repeatable; sections: reference, proposal, match, merge, output, precision)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``refseg`` command."""
+    parser = argparse.ArgumentParser(
+        prog="refseg",
+        description="Training-free reference-based instance segmentation: SAM2 mask proposals matched to a "
+                    "memory bank of DINOv2 reference embeddings.",
+        epilog="Typical flow: refseg sample -> refseg build-bank -> refseg predict -> refseg evaluate / render. "
+               "Try 'refseg demo' for an offline run on synthetic data.",
+    )
+    parser.add_argument("--version", action="version", version=f"refseg {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("sample", parents=[common], help="draw an N-shot reference set from a COCO file",
+                       description="Draw N references per class (distinct images, one instance each) as the paper "
+                                   "did: random.seed(SEED), classes in order of first appearance, each class's "
+                                   "annotations shuffled and walked; valid = not crowd, box >= MIN_SIZE px, "
+                                   ">= BORDER px from the image borders. Writes a COCO file of the references.")
+    p.add_argument("--coco", required=True, help="COCO instances file to sample from (e.g. instances_train2017.json)")
+    p.add_argument("--shots", type=int, required=True, help="references per class")
+    p.add_argument("--seed", type=int, default=33, help="random seed (paper: 33)")
+    p.add_argument("--classes", help="'voc' (the 20 PASCAL VOC classes) or a comma list of names or ids "
+                                     "(default: all)")
+    p.add_argument("--min-size", type=float, default=32, help="minimum box width and height in px (default 32)")
+    p.add_argument("--border", type=float, default=10, help="minimum distance of the box to the borders (default 10)")
+    p.add_argument("--allow-fewer", action="store_true", help="take what exists when a class has fewer valid "
+                                                              "instances than --shots (default: error)")
+    p.add_argument("--out", required=True, help="output COCO file of the references")
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("build-bank", parents=[common], help="encode references into a memory bank",
+                       description="Encode every annotation of a COCO file (polygon, RLE or box-only) into a "
+                                   "memory bank. Box-only references are turned into masks with the proposer, "
+                                   "which is loaded only then. Prints what was used and what was skipped.")
+    p.add_argument("--references", required=True, help="COCO file of the references (e.g. from 'refseg sample')")
+    p.add_argument("--images", required=True, help="folder of the reference images")
+    p.add_argument("--out", required=True, help="output bank (.safetensors)")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER,
+                   help=f"DINOv2 name or import path package.module:Class (default {DEFAULT_ENCODER})")
+    p.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE, help="encoder input size (default 518)")
+    p.add_argument("--classes", help="only these classes: 'voc' or a comma list of names or ids")
+    p.add_argument("--add-to", metavar="BANK", help="add to this existing bank instead of starting a new one")
+    p.add_argument("--negative", action="store_true", help="store the references as negatives of their class")
+    p.add_argument("--batch-size", type=int, default=8, help="references per encoder call (default 8)")
+    _add_model_options(p, "Used only for box-only references.")
+    _add_settings_options(p)
+    p.set_defaults(func=cmd_build_bank)
+
+    p = sub.add_parser("predict", parents=[common], help="label target images with a memory bank (resumable)",
+                       description="Label every image of a folder (ids 1..N in name order) or of a COCO file with "
+                                   "the bank's classes and write COCO results. Progress is kept in "
+                                   "<out>.partial.jsonl: rerunning the same command skips finished images and "
+                                   "retries failed ones. Also writes <out>.categories.json and <out>.images.json.")
+    p.add_argument("--bank", required=True, help="memory bank from 'refseg build-bank'")
+    p.add_argument("--images", required=True, help="folder of the target images")
+    p.add_argument("--coco", help="COCO file listing the target images (category ids are matched by name)")
+    p.add_argument("--out", required=True, help="output COCO results file (.json)")
+    p.add_argument("--encoder", default=None,
+                   help="DINOv2 name or import path (default: the registered model the bank was built with)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per network call (default 1)")
+    p.add_argument("--limit", type=int, help="only the first N target images")
+    p.add_argument("--restart", action="store_true", help="discard earlier progress of this output")
+    p.add_argument("--remove-partial", action="store_true",
+                   help="delete <out>.partial.jsonl after a run with no failed image")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_model_options(p, "Mask proposals.")
+    _add_settings_options(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("evaluate", parents=[common], help="COCO AP of a results file",
+                       description="pycocotools COCOeval on every ground-truth image (images without detections "
+                                   "count), optionally restricted to a class subset (paper: --classes voc).")
+    p.add_argument("--gt", required=True, help="ground-truth COCO file (e.g. instances_val2017.json)")
+    p.add_argument("--results", required=True, help="COCO results file from 'refseg predict'")
+    p.add_argument("--classes", help="'voc' or a comma list of names or ids (default: all ground-truth classes)")
+    p.add_argument("--iou-types", default="bbox,segm", help="bbox, segm or both (default bbox,segm)")
+    p.add_argument("--json-out", metavar="PATH", help="also write the statistics to this JSON file")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("render", parents=[common], help="draw results over their images (PNG)",
+                       description="Draw masks, boxes and 'class score' labels of a results file over its images.")
+    p.add_argument("--images", required=True, help="folder of the images")
+    p.add_argument("--results", required=True, help="COCO results file")
+    p.add_argument("--out", required=True, help="output folder for the PNG files")
+    p.add_argument("--gt", help="COCO file of the images (file names, class names); default: the "
+                                "<results>.images.json written by predict")
+    p.add_argument("--max-images", type=int, default=20, help="render at most N images (default 20)")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="hide detections below (default 0.5)")
+    p.add_argument("--max-detections", type=int, default=30, help="at most N detections per image (default 30)")
+    p.set_defaults(func=cmd_render)
+
+    p = sub.add_parser("demo", parents=[common], help="offline end-to-end run on synthetic data (seconds, no weights)",
+                       description="Make a synthetic COCO dataset, sample references, build a bank and predict "
+                                   "with the toy colour components of refseg.testing, evaluate and render. Runs "
+                                   "the same steps as the commands it prints.")
+    p.add_argument("--out", default="refseg_demo", help="output folder (default ./refseg_demo)")
+    p.add_argument("--shots", type=int, default=2, help="references per class (default 2)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("models", parents=[common], help="list the SAM2 / DINOv2 models and their checkpoints",
+                       description="Registered model names, official checkpoint URLs and whether each checkpoint "
+                                   "is in the cache.")
+    p.add_argument("--cache-dir", metavar="DIR", help="checkpoint cache (default $REFSEG_CACHE_DIR or ~/.cache/refseg)")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .images import ImageLoadError
+    from .memory_bank import BankError
+    from .models.checkpoints import CheckpointError
+    from .predict_job import PartialRunMismatch
+
+    # ValueError covers refseg's own input errors (unknown classes, SamplingError, UnusableReference, devices)
+    return (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImageLoadError,
+            BankError, CheckpointError, PartialRunMismatch, ValueError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``refseg`` command; returns the exit code (0 ok, 2 user error)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, argparse errors
+        return int(exc.code or 0) if not isinstance(exc.code, str) else 2
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        _warn(str(message))
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        return int(args.func(args) or 0)
+    except _user_errors() as exc:
+        if args.debug:
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"refseg {args.command}: error: {message}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("refseg: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into a reader that stopped (| head): not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    finally:
+        warnings.showwarning = previous
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,466 @@
+"""COCO adapters: few-shot reference sampling, loading references, and COCOeval.
+
+Everything here works on any COCO instances file (a path or the parsed dict):
+
+- :func:`sample_few_shot` draws the N-shot reference set exactly as the paper did
+  (METHOD.md section 1, "Paper mode sampling") and returns it as a COCO dict.
+- :func:`load_references` / :func:`iter_references` turn annotations into
+  :class:`refseg.Reference` objects (polygon, RLE or box-only), collecting unusable
+  ones with a reason instead of failing.
+- :func:`evaluate` runs pycocotools' COCOeval on a class subset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import io
+import json
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+from .images import ImageLoadError, load_image
+from .references import Reference
+
+# The 20 PASCAL VOC classes under their COCO names (the COCO-FSOD "novel" classes).
+VOC_CLASSES: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "boat", "bird", "cat", "dog", "horse",
+    "sheep", "cow", "bottle", "chair", "couch", "potted plant", "dining table", "tv",
+)
+
+CLASS_SETS: dict[str, tuple[str, ...]] = {"voc": VOC_CLASSES}
+
+STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+class SamplingError(ValueError):
+    """The reference set cannot be drawn as asked (too few valid instances, bad input)."""
+
+
+@dataclass(frozen=True)
+class SamplingRules:
+    """Which annotations may serve as references (paper values)."""
+
+    min_size: float = 32  # box width and height at least this many pixels
+    border: float = 10  # box at least this many pixels from every image border
+
+
+# ---------------------------------------------------------------------------- reading COCO files
+
+
+def read_coco(source: str | os.PathLike | dict) -> dict:
+    """A COCO dict from a path or a dict (returned as is); clear errors for missing or malformed files."""
+    if isinstance(source, dict):
+        data = source
+        name = "COCO dict"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"COCO file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        name = str(path)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
+            data.get("annotations", []), list):
+        raise ValueError(f"{name} is not a COCO instances file (expected a dict with 'images' and 'annotations')")
+    return data
+
+
+def category_names(coco: dict) -> dict[int, str]:
+    """Category id -> name."""
+    return {int(c["id"]): str(c["name"]) for c in coco.get("categories", [])}
+
+
+def resolve_classes(spec: str | Sequence[str | int] | None, coco: dict) -> list[int] | None:
+    """Category ids named by ``spec``: ``None`` (all), a set name (``"voc"``), a comma list of names or ids.
+
+    Names are matched exactly first, then case-insensitively. Unknown names raise
+    :class:`ValueError` with the closest known ones.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        key = spec.strip().lower()
+        items: list[str | int] = list(CLASS_SETS[key]) if key in CLASS_SETS else \
+            [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        items = list(spec)
+    if not items:
+        raise ValueError("empty class list")
+    names = category_names(coco)
+    by_name = {n: i for i, n in names.items()}
+    by_lower = {n.lower(): i for i, n in names.items()}
+    ids: list[int] = []
+    unknown: list[str] = []
+    for item in items:
+        if isinstance(item, (int, np.integer)) or (isinstance(item, str) and item.isdigit() and item not in by_name):
+            cid = int(item)
+            if cid not in names:
+                unknown.append(str(item))
+                continue
+        elif item in by_name:
+            cid = by_name[item]
+        elif str(item).lower() in by_lower:
+            cid = by_lower[str(item).lower()]
+        else:
+            unknown.append(str(item))
+            continue
+        if cid not in ids:
+            ids.append(cid)
+    if unknown:
+        known = ", ".join(names.values()) if len(names) <= 30 else f"{len(names)} categories"
+        if isinstance(spec, str) and spec.strip().lower() in CLASS_SETS:
+            shown = ", ".join(map(repr, unknown[:5])) + (f", ... ({len(unknown) - 5} more)" if len(unknown) > 5 else "")
+            raise ValueError(f"{len(unknown)} of the {len(items)} {spec.strip().lower()!r} classes are not in the file "
+                             f"({shown}); the file has: {known}")
+        hints = []
+        for u in unknown:
+            close = difflib.get_close_matches(u, list(by_name), n=3)
+            hints.append(f"{u!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+        raise ValueError(f"unknown class(es) {', '.join(hints)}; the file has: {known}")
+    return ids
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def _is_valid(ann: dict, image: dict, rules: SamplingRules) -> bool:
+    if ann.get("iscrowd", 0):
+        return False
+    bbox = ann.get("bbox")
+    if not bbox or len(bbox) != 4:
+        return False
+    x, y, w, h = (float(v) for v in bbox)
+    if w < rules.min_size or h < rules.min_size:
+        return False
+    width, height = float(image["width"]), float(image["height"])
+    b = rules.border
+    return x >= b and y >= b and x + w <= width - b and y + h <= height - b
+
+
+def sample_few_shot(coco: str | os.PathLike | dict, shots: int, seed: int = 33,
+                    categories: str | Sequence[str | int] | None = None, min_size: float = 32,
+                    border: float = 10, allow_fewer: bool = False) -> dict:
+    """Draw an N-shot reference set (N distinct images per class, one instance each), as the paper did.
+
+    One ``random.Random(seed)`` (the same sequence as ``random.seed(seed)`` followed by
+    ``random.shuffle``) serves every category, taken in order of first appearance in
+    the annotation list. Per category its annotations, in file order, are shuffled and
+    walked; an annotation is accepted if its image is not yet used for this class and
+    it is valid: not crowd, box width and height >= ``min_size``, box at least
+    ``border`` px from every image border. The first ``shots`` accepted ones are kept.
+
+    Every category of the file is shuffled, in that order, whatever ``categories``
+    selects, so a class gets the same references whether it is sampled alone or with
+    all others. Fewer than ``shots`` valid instances of a selected class raise
+    :class:`SamplingError` unless ``allow_fewer`` (then a warning, and what exists is taken).
+
+    Returns a COCO dict (``images``, ``annotations``, ``categories``) of the reference set.
+    """
+    if int(shots) < 1:
+        raise SamplingError(f"shots must be at least 1, got {shots}")
+    data = read_coco(coco)
+    rules = SamplingRules(min_size=min_size, border=border)
+    images = {int(im["id"]): im for im in data["images"]}
+    wanted = resolve_classes(categories, data)
+    names = category_names(data)
+
+    per_category: dict[int, list[dict]] = {}  # insertion order = first appearance
+    for ann in data["annotations"]:
+        per_category.setdefault(int(ann["category_id"]), []).append(ann)
+
+    rng = random.Random(seed)
+    chosen: dict[int, list[dict]] = {}
+    counts: dict[int, tuple[int, int]] = {}  # category -> (valid distinct images, annotations)
+    for cid, anns in per_category.items():
+        pool = list(anns)
+        rng.shuffle(pool)
+        if wanted is not None and cid not in wanted:
+            continue
+        used_images: set[int] = set()
+        picked: list[dict] = []
+        for ann in pool:
+            image_id = int(ann["image_id"])
+            if image_id in used_images:
+                continue
+            image = images.get(image_id)
+            if image is None:
+                raise SamplingError(f"annotation {ann.get('id')} refers to image {image_id}, which is not in the file")
+            if "width" not in image or "height" not in image:
+                raise SamplingError(f"image {image_id} has no width/height in the file: the border rule needs them")
+            if not _is_valid(ann, image, rules):
+                continue
+            used_images.add(image_id)
+            picked.append(ann)
+            if len(picked) == shots:
+                break
+        chosen[cid] = picked
+        counts[cid] = (len(picked), len(anns))
+
+    selected = wanted if wanted is not None else list(per_category)
+    missing = [cid for cid in selected if cid not in per_category]
+    short = [cid for cid in selected if cid in chosen and len(chosen[cid]) < shots] + missing
+    if short:
+        detail = "; ".join(
+            f"{names.get(cid, cid)!r}: {counts.get(cid, (0, 0))[0]} valid of {counts.get(cid, (0, 0))[1]} annotations"
+            for cid in short)
+        message = (f"fewer than {shots} valid reference instances (distinct images, not crowd, box >= {min_size}px, "
+                   f">= {border}px from the borders) for {len(short)} class(es): {detail}")
+        if not allow_fewer:
+            raise SamplingError(message + ". Use allow_fewer / --allow-fewer to take what exists.")
+        warnings.warn(message + "; taking what exists.", stacklevel=2)
+
+    out_images: list[dict] = []
+    seen: set[int] = set()
+    out_annotations: list[dict] = []
+    for cid in selected:
+        for ann in chosen.get(cid, []):
+            out_annotations.append(copy.deepcopy(ann))
+            image_id = int(ann["image_id"])
+            if image_id not in seen:
+                seen.add(image_id)
+                out_images.append(copy.deepcopy(images[image_id]))
+    cats = {int(c["id"]): c for c in data.get("categories", [])}
+    out_categories = [copy.deepcopy(cats.get(cid, {"id": cid, "name": str(cid)})) for cid in selected]
+    return {
+        "info": {
+            "description": f"refseg {shots}-shot reference set",
+            "sampling": {"shots": int(shots), "seed": seed, "min_size": min_size, "border": border,
+                         "allow_fewer": allow_fewer},
+        },
+        "images": out_images,
+        "annotations": out_annotations,
+        "categories": out_categories,
+    }
+
+
+# ---------------------------------------------------------------------------- references
+
+
+class ReferenceList(list):
+    """A list of :class:`Reference` with ``skipped``: (source, class name, reason) of unusable annotations."""
+
+    def __init__(self, items: Iterable[Reference] = (), skipped: list[tuple[dict, str, str]] | None = None):
+        super().__init__(items)
+        self.skipped: list[tuple[dict, str, str]] = skipped if skipped is not None else []
+
+
+def annotation_mask(segmentation, height: int, width: int) -> np.ndarray | None:
+    """COCO segmentation (polygons, RLE or uncompressed RLE) -> [H, W] bool; ``None`` for none at all."""
+    if segmentation is None or (isinstance(segmentation, list) and len(segmentation) == 0):
+        return None
+    if isinstance(segmentation, list):  # polygons
+        polys = [p for p in segmentation if len(p) >= 6]
+        if not polys:
+            raise ValueError("polygon with fewer than 3 points")
+        rles = mask_utils.frPyObjects(polys, height, width)
+        rle = mask_utils.merge(rles)
+    elif isinstance(segmentation, dict) and "counts" in segmentation:
+        size = [int(v) for v in segmentation.get("size", [height, width])]
+        if size != [height, width]:
+            raise ValueError(f"RLE size {size} does not match the image size {[height, width]}")
+        if isinstance(segmentation["counts"], list):  # uncompressed
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            counts = segmentation["counts"]
+            rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    else:
+        raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
+    return mask_utils.decode(rle).astype(bool)
+
+
+def iter_references(coco: str | os.PathLike | dict, image_dir: str | os.PathLike,
+                    skipped: list[tuple[dict, str, str]] | None = None,
+                    categories: str | Sequence[str | int] | None = None) -> Iterator[Reference]:
+    """Yield one :class:`Reference` per annotation (all instances of every image), lazily.
+
+    Masks come from polygons, RLE or uncompressed RLE; an annotation without a
+    segmentation gives ``Reference(mask=None, box=xyxy)`` (the bank builder turns the
+    box into a mask). Each image is read once for all its annotations. Annotations
+    that cannot be used (missing or corrupt image, bad segmentation) are appended to
+    ``skipped`` as ``(source, class name, reason)`` instead of raising.
+    """
+    data = read_coco(coco)
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {image_dir}")
+    skipped = skipped if skipped is not None else []
+    names = category_names(data)
+    wanted = resolve_classes(categories, data)
+    images = {int(im["id"]): im for im in data["images"]}
+    by_image: dict[int, list[dict]] = {}
+    for ann in data["annotations"]:
+        if wanted is not None and int(ann["category_id"]) not in wanted:
+            continue
+        by_image.setdefault(int(ann["image_id"]), []).append(ann)
+
+    for image_id, anns in by_image.items():
+        info = images.get(image_id)
+        file_name = str(info.get("file_name", "")) if info else ""
+        sources = [{"image": file_name, "image_id": image_id, "annotation_id": a.get("id")} for a in anns]
+        classes = [names.get(int(a["category_id"]), str(a["category_id"])) for a in anns]
+        if info is None or not file_name:
+            reason = "image not listed in the file" if info is None else "image has no file_name"
+            skipped.extend((s, c, reason) for s, c in zip(sources, classes))
+            continue
+        try:
+            rgb = load_image(image_dir / file_name)
+        except ImageLoadError as exc:
+            skipped.extend((s, c, str(exc)) for s, c in zip(sources, classes))
+            continue
+        h, w = rgb.shape[:2]
+        if ("height" in info and int(info["height"]) != h) or ("width" in info and int(info["width"]) != w):
+            reason = f"image is {w}x{h} but the file says {info.get('width')}x{info.get('height')}"
+            skipped.extend((s, c, reason) for s, c in zip(sources, classes))
+            continue
+        for ann, source, class_name in zip(anns, sources, classes):
+            try:
+                mask = annotation_mask(ann.get("segmentation"), h, w)
+            except (ValueError, TypeError) as exc:
+                skipped.append((source, class_name, f"bad segmentation: {exc}"))
+                continue
+            box = None
+            bbox = ann.get("bbox")
+            if bbox and len(bbox) == 4:
+                x, y, bw, bh = (float(v) for v in bbox)
+                box = (x, y, x + bw, y + bh)
+            if mask is None and (box is None or box[2] <= box[0] or box[3] <= box[1]):
+                skipped.append((source, class_name, "annotation has neither a segmentation nor a usable box"))
+                continue
+            yield Reference(image=rgb, class_name=class_name, mask=mask, box=box, source=source)
+
+
+def load_references(coco: str | os.PathLike | dict, image_dir: str | os.PathLike,
+                    categories: str | Sequence[str | int] | None = None) -> ReferenceList:
+    """Every annotation of a COCO file as a :class:`Reference` (see :func:`iter_references`).
+
+    Returns a list whose ``skipped`` attribute holds ``(source, class name, reason)``
+    for annotations that could not be loaded (missing or corrupt image...).
+    """
+    skipped: list[tuple[dict, str, str]] = []
+    refs = ReferenceList(iter_references(coco, image_dir, skipped, categories), skipped)
+    return refs
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+def _coco_api(data: dict):
+    from pycocotools.coco import COCO
+
+    api = COCO()
+    api.dataset = copy.deepcopy(data)
+    api.dataset.setdefault("annotations", [])
+    api.dataset.setdefault("categories", [])
+    with contextlib.redirect_stdout(io.StringIO()):
+        api.createIndex()
+    return api
+
+
+def read_results(results: str | os.PathLike | list) -> list[dict]:
+    """COCO result records from a path or a list."""
+    if isinstance(results, list):
+        return results
+    path = Path(results)
+    if not path.is_file():
+        raise FileNotFoundError(f"results file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, list):
+        raise ValueError(f"{path} is not a COCO results file (expected a JSON list of detections)")
+    return data
+
+
+def evaluate(gt: str | os.PathLike | dict, results: str | os.PathLike | list,
+             iou_types: Sequence[str] = ("bbox", "segm"), classes: str | Sequence[str | int] | None = None,
+             image_ids: Sequence[int] | None = None, verbose: bool = True) -> dict[str, dict]:
+    """COCO AP of ``results`` against ground truth ``gt`` with pycocotools' COCOeval.
+
+    ``classes`` restricts ground truth and results to a class subset (``"voc"``, names
+    or ids); ``image_ids`` to some images (default: every ground-truth image, including
+    those without detections). Results on images not in the ground truth are dropped
+    with a warning. For ``segm`` the boxes are removed from the results so that the
+    size ranges use mask areas (as detectron2 does). Prints the standard table unless
+    ``verbose`` is false; returns ``{iou_type: {"AP": ..., "AP50": ..., ...}}``
+    (fractions in [0, 1]; -1 where a size range has no ground truth) plus
+    ``"per_class_AP"``: ``{class name: AP}``.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    for t in iou_types:
+        if t not in ("bbox", "segm"):
+            raise ValueError(f"unknown IoU type {t!r}; use bbox and/or segm")
+    gt_data = read_coco(gt)
+    records = read_results(results)
+    gt_api = _coco_api(gt_data)
+    cat_ids = resolve_classes(classes, gt_data)
+    if cat_ids is None:
+        cat_ids = sorted(category_names(gt_data))
+    gt_images = set(gt_api.getImgIds())
+    img_ids = sorted(gt_images) if image_ids is None else [int(i) for i in image_ids]
+    unknown_ids = [i for i in img_ids if i not in gt_images]
+    if unknown_ids:
+        raise ValueError(f"{len(unknown_ids)} requested image id(s) are not in the ground truth, e.g. {unknown_ids[:5]}")
+
+    outside = [r for r in records if int(r["image_id"]) not in gt_images]
+    if outside:
+        warnings.warn(f"{len(outside)} detection(s) on {len({r['image_id'] for r in outside})} image(s) that are not "
+                      f"in the ground truth were ignored", stacklevel=2)
+    records = [r for r in records if int(r["image_id"]) in gt_images]
+    out: dict[str, dict] = {}
+    for iou_type in iou_types:
+        if iou_type == "segm":
+            dets = [{k: v for k, v in r.items() if k != "bbox"} for r in records if r.get("segmentation")]
+        else:
+            dets = [dict(r) for r in records if r.get("bbox")]
+        if not dets:
+            message = (f"[{iou_type}] no detections to evaluate" +
+                       (" (the results hold no masks)" if records and iou_type == "segm" else "") + ": AP is 0")
+            if verbose:
+                print(message)
+            out[iou_type] = {**{name: 0.0 for name in STAT_NAMES}, "per_class_AP": {}}
+            continue
+        with contextlib.redirect_stdout(io.StringIO()):
+            dt_api = gt_api.loadRes(dets)
+        evaluator = COCOeval(gt_api, dt_api, iou_type)
+        evaluator.params.catIds = list(cat_ids)
+        evaluator.params.imgIds = img_ids
+        table = io.StringIO()
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluator.evaluate()
+            evaluator.accumulate()
+        with contextlib.redirect_stdout(table):
+            evaluator.summarize()
+        if verbose:
+            print(f"\n[{iou_type}] {len(cat_ids)} class(es), {len(img_ids)} image(s), {len(dets)} detection(s)")
+            print(table.getvalue(), end="")
+        stats: dict = {name: float(v) for name, v in zip(STAT_NAMES, evaluator.stats)}
+        stats["per_class_AP"] = _per_class_ap(evaluator, gt_api)
+        out[iou_type] = stats
+    return out
+
+
+def _per_class_ap(evaluator, gt_api) -> dict[str, float]:
+    """AP (IoU 0.50:0.95, all areas, 100 detections) per category name; -1 for no ground truth."""
+    precision = evaluator.eval["precision"]  # [T, R, K, A, M]
+    out = {}
+    for k, cid in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        name = gt_api.cats[cid]["name"] if cid in gt_api.cats else str(cid)
+        out[name] = float(p.mean()) if p.size else -1.0
+    return out

@@ -1,0 +1,255 @@
+"""A resumable prediction run over many images, written as COCO results.
+
+While running, one JSON line per finished image goes to ``<out>.partial.jsonl``
+(flushed and fsync'd after every batch)::
+
+    {"refseg_partial": 1, "run": {...}}                                  (first line: what produced it)
+    {"image_id": 3, "file_name": "a.jpg", "detections": [...COCO records...]}
+    {"image_id": 4, "file_name": "b.jpg", "error": "cannot read image ..."}
+
+A rerun reads that file (a truncated last line, from a killed run, is dropped),
+skips the images already done and labels the rest; images that failed are tried
+again. At the end the COCO results list is written to ``<out>`` atomically. A
+partial file made by a different run (other bank, settings or category ids) is
+refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .images import ImageLoadError, load_image
+from .pipeline import Segmenter
+
+_PARTIAL_KEY = "refseg_partial"
+_PARTIAL_VERSION = 1
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
+class PartialRunMismatch(ValueError):
+    """The partial results file on disk was produced by a different run."""
+
+
+@dataclass
+class PredictionRun:
+    """What a call to :func:`run_prediction` did."""
+
+    results_path: Path
+    partial_path: Path
+    n_images: int = 0  # targets of the run
+    n_resumed: int = 0  # already done before this call
+    n_processed: int = 0  # labelled by this call
+    n_detections: int = 0  # in the final results file
+    failed: list[tuple[int, str, str]] = field(default_factory=list)  # (image_id, file_name, error)
+
+    def summary(self) -> str:
+        lines = [f"{self.n_images} image(s): {self.n_resumed} done earlier, {self.n_processed} labelled now, "
+                 f"{len(self.failed)} failed; {self.n_detections} detection(s) written to {self.results_path}"]
+        for image_id, name, error in self.failed[:20]:
+            lines.append(f"  failed: image {image_id} ({name}): {error}")
+        if len(self.failed) > 20:
+            lines.append(f"  ... and {len(self.failed) - 20} more")
+        if self.failed:
+            lines.append("  failed images are tried again when the same command is run again "
+                         f"(progress kept in {self.partial_path})")
+        return "\n".join(lines)
+
+
+def sidecar_path(out: str | os.PathLike, suffix: str) -> Path:
+    """``results.json`` -> ``results<suffix>`` (e.g. ``.partial.jsonl``); other names get the suffix appended."""
+    out = Path(out)
+    stem = out.name[:-5] if out.name.lower().endswith(".json") else out.name
+    return out.with_name(stem + suffix)
+
+
+def list_images(folder: str | os.PathLike) -> list[tuple[int, str]]:
+    """Image files of a folder (sorted by name, not recursive) as ``(image_id, file_name)`` with ids 1..N."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return [(i + 1, name) for i, name in enumerate(names)]
+
+
+def run_fingerprint(segmenter: Segmenter, category_ids: dict[str, int] | list[int] | None) -> dict:
+    """What identifies a run's output: settings, models, bank contents and category ids."""
+    bank = segmenter.bank
+    digest = hashlib.sha256()
+    for tensor in (bank.prototypes(), bank.embeddings(negative=True)[0]):
+        digest.update(np.ascontiguousarray(tensor.numpy(), dtype=np.float32).tobytes())
+    proposer = segmenter.proposer
+    settings = getattr(proposer, "settings", None)
+    return {
+        "config": segmenter.config.to_dict(),
+        "proposer": settings() if callable(settings) else getattr(proposer, "name", type(proposer).__name__),
+        "encoder": segmenter.encoder.settings(),
+        "classes": list(segmenter.class_names),
+        "bank": digest.hexdigest()[:16],
+        "category_ids": category_ids if not isinstance(category_ids, dict) else dict(category_ids),
+    }
+
+
+def _read_partial(path: Path) -> tuple[dict | None, dict[int, dict], bool]:
+    """(header, last record per image id, whether the file needs rewriting)."""
+    header, records = None, {}
+    with open(path, "rb") as fh:
+        data = fh.read()
+    dirty = bool(data) and not data.endswith(b"\n")
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for n, raw in enumerate(lines):
+        try:
+            item = json.loads(raw)
+            if not isinstance(item, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            # a killed run leaves a cut-off last line; anything else is damage we drop and report
+            if n != len(lines) - 1:
+                print(f"refseg: warning: ignoring unreadable line {n + 1} of {path}", file=sys.stderr)
+            dirty = True
+            continue
+        if _PARTIAL_KEY in item:
+            header = header or item
+        elif "image_id" in item:
+            records[int(item["image_id"])] = item
+        else:
+            dirty = True
+    return header, records, dirty
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _dumps(item: dict) -> str:
+    return json.dumps(item, separators=(",", ":"))
+
+
+def _diff_keys(a: dict, b: dict) -> list[str]:
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.PathLike]],
+                   out_path: str | os.PathLike, category_ids: dict[str, int] | list[int] | None = None,
+                   image_root: str | os.PathLike | None = None, batch_size: int = 1, keep_partial: bool = True,
+                   restart: bool = False, progress: bool | None = None, run_info: dict | None = None
+                   ) -> PredictionRun:
+    """Label every target image and write the COCO results list to ``out_path``; resumable.
+
+    ``targets`` are ``(image_id, path)``; paths are relative to ``image_root`` when
+    given (the file name is recorded). ``category_ids`` maps bank class name (or
+    class index, as a list) to COCO category id (default index + 1). Images are
+    read one by one, so an unreadable image is recorded as failed without losing
+    the rest of its batch; the readable ones go to :meth:`Segmenter.predict_batch`
+    ``batch_size`` at a time. ``restart`` discards earlier progress. ``run_info``
+    identifies the run (default :func:`run_fingerprint`): a partial file with other
+    ``run_info`` raises :class:`PartialRunMismatch`.
+    """
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    out_path = Path(out_path)
+    partial = sidecar_path(out_path, ".partial.jsonl")
+    root = Path(image_root) if image_root is not None else None
+    info = json.loads(json.dumps(run_info if run_info is not None else run_fingerprint(segmenter, category_ids)))
+    ids = [int(i) for i, _ in targets]
+    if len(set(ids)) != len(ids):
+        raise ValueError("duplicate image ids among the targets")
+    names = {int(i): str(p) for i, p in targets}
+
+    records: dict[int, dict] = {}
+    if partial.exists() and restart:
+        partial.unlink()
+    if partial.exists():
+        header, records, dirty = _read_partial(partial)
+        if header is None:
+            raise PartialRunMismatch(f"{partial} is not a refseg progress file; move it away or use --restart")
+        if header.get("run") != info:
+            diff = ", ".join(_diff_keys(header.get("run") or {}, info)) or "?"
+            raise PartialRunMismatch(
+                f"{partial} holds progress of a different run (differs in: {diff}); use the same settings to "
+                f"resume, or --restart (restart=True) to discard it")
+        for image_id, rec in records.items():
+            if image_id in names and "file_name" in rec and rec["file_name"] != names[image_id]:
+                raise PartialRunMismatch(
+                    f"{partial}: image id {image_id} was {rec['file_name']!r} but is now {names[image_id]!r}; "
+                    f"the image list changed: use --restart (restart=True)")
+        if dirty:  # drop the cut-off line so that appends start on a fresh line
+            _write_atomic(partial, "".join(_dumps(x) + "\n" for x in [header, *records.values()]))
+    else:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(partial, _dumps({_PARTIAL_KEY: _PARTIAL_VERSION, "run": info}) + "\n")
+
+    done = {i for i, rec in records.items() if "detections" in rec}
+    todo = [(int(i), p) for i, p in targets if int(i) not in done]
+    run = PredictionRun(results_path=out_path, partial_path=partial, n_images=len(targets),
+                        n_resumed=len(targets) - len(todo))
+
+    with open(partial, "a", encoding="utf-8") as fh, tqdm(total=len(targets), initial=run.n_resumed, unit="img",
+                                                           desc="predict", disable=(None if progress is None
+                                                                                    else not progress)) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            new: list[dict] = []
+            ok_ids, ok_images = [], []
+            for image_id, p in batch:
+                path = root / p if root is not None else Path(p)
+                try:
+                    ok_images.append(load_image(path))
+                    ok_ids.append(image_id)
+                except ImageLoadError as exc:
+                    new.append({"image_id": image_id, "file_name": str(p), "error": str(exc)})
+            if ok_images:
+                try:
+                    dets = segmenter.predict_batch(ok_images)
+                except Exception:
+                    print("refseg: error while labelling " + ", ".join(names[i] for i in ok_ids), file=sys.stderr)
+                    raise
+                for image_id, d in zip(ok_ids, dets):
+                    new.append({"image_id": image_id, "file_name": names[image_id],
+                                "detections": d.to_coco(image_id, category_ids)})
+            order = {image_id: k for k, (image_id, _) in enumerate(batch)}
+            new.sort(key=lambda r: order[r["image_id"]])
+            fh.write("".join(_dumps(r) + "\n" for r in new))
+            fh.flush()
+            os.fsync(fh.fileno())
+            for rec in new:
+                records[rec["image_id"]] = rec
+            run.n_processed += len(ok_ids)
+            bar.update(len(batch))
+
+    results: list[dict] = []
+    for image_id, p in targets:
+        rec = records.get(int(image_id))
+        if rec is None or "detections" not in rec:
+            error = rec.get("error", "not labelled") if rec else "not labelled"
+            run.failed.append((int(image_id), str(p), error))
+            continue
+        results.extend(rec["detections"])
+    run.n_detections = len(results)
+    _write_atomic(out_path, json.dumps(results))
+    if not keep_partial and not run.failed:
+        partial.unlink()
+    return run
