@@ -248,6 +248,7 @@ def cmd_predict(args) -> int:
     from .coco import read_coco
     from .memory_bank import MemoryBank
     from .pipeline import Segmenter
+    from .device_pool import DevicePool, SegmenterSpec, local_devices
     from .predict_job import list_images, run_prediction, sidecar_path
 
     bank_path = _need_file(args.bank, "memory bank")
@@ -280,19 +281,37 @@ def cmd_predict(args) -> int:
     input_size = int(bank.encoder_settings.get("input_size", DEFAULT_INPUT_SIZE))
     if args.random_weights:
         _random_weights_banner()
-    encoder = _build("encoder", encoder_spec, args, checkpoint=args.encoder_checkpoint, input_size=input_size)
-    bank.check_encoder(encoder.settings())
-    proposer = _build("proposer", args.proposer, args, checkpoint=args.proposer_checkpoint, config=cfg.proposal)
-    segmenter = Segmenter(proposer, encoder, bank, cfg)
+    devices = local_devices(args.devices) if args.devices else []
+    batch_size = args.batch_size
+    if len(devices) > 1:
+        spec = SegmenterSpec(proposer=args.proposer, encoder=encoder_spec, bank_path=str(bank_path),
+                             config=cfg.to_dict(), proposer_checkpoint=args.proposer_checkpoint,
+                             encoder_checkpoint=args.encoder_checkpoint, encoder_input_size=input_size,
+                             cache_dir=args.cache_dir, offline=args.offline or None, random_init=args.random_weights,
+                             seed=0 if args.random_weights else None)
+        _say(f"starting {len(devices)} workers: {', '.join(devices)}")
+        segmenter = DevicePool(spec, devices)
+        batch_size *= len(devices)
+    else:
+        if devices:
+            args.device = devices[0]
+        encoder = _build("encoder", encoder_spec, args, checkpoint=args.encoder_checkpoint, input_size=input_size)
+        bank.check_encoder(encoder.settings())
+        proposer = _build("proposer", args.proposer, args, checkpoint=args.proposer_checkpoint, config=cfg.proposal)
+        segmenter = Segmenter(proposer, encoder, bank, cfg)
 
     out = Path(args.out)
     _write_json(sidecar_path(out, ".categories.json"), categories)
     _write_json(sidecar_path(out, ".images.json"), [{"id": i, "file_name": f} for i, f in targets])
     _say(f"labelling {len(targets)} image(s) with {len(bank.class_names)} class(es) "
          f"({cfg.name} settings, batch {args.batch_size})")
-    run = run_prediction(segmenter, targets, out, mapping, image_root=image_dir, batch_size=args.batch_size,
-                         keep_partial=not args.remove_partial, restart=args.restart,
-                         progress=False if args.quiet else None)
+    try:
+        run = run_prediction(segmenter, targets, out, mapping, image_root=image_dir, batch_size=batch_size,
+                             keep_partial=not args.remove_partial, restart=args.restart,
+                             progress=False if args.quiet else None)
+    finally:
+        if isinstance(segmenter, DevicePool):
+            segmenter.close()
     _say(run.summary())
     if run.failed:
         _warn(f"{len(run.failed)} image(s) could not be labelled (listed above); rerun the command to retry them")
@@ -499,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encoder", default=None,
                    help="DINOv2 name or import path (default: the registered model the bank was built with)")
     p.add_argument("--batch-size", type=int, default=1, help="images per network call (default 1)")
+    p.add_argument("--devices", metavar="LIST", default=None,
+                   help="label on several local devices at once, one worker process each: 'all' (every GPU) or a "
+                        "list such as cuda:0,cuda:1; each batch of --batch-size images per device")
     p.add_argument("--limit", type=int, help="only the first N target images")
     p.add_argument("--restart", action="store_true", help="discard earlier progress of this output")
     p.add_argument("--remove-partial", action="store_true",

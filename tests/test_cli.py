@@ -228,3 +228,13 @@ def test_console_script_help():
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     assert "build-bank" in proc.stdout and "predict" in proc.stdout
+
+
+def test_predict_on_two_devices_matches_one(data, bank, tmp_path):
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    assert run_predict(bank, data, one, "--batch-size", "2") == 0
+    assert run_predict(bank, data, two, "--batch-size", "2", "--devices", "cpu,cpu") == 0
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert [(r["image_id"], r["category_id"], r["segmentation"]["counts"]) for r in a] == \
+           [(r["image_id"], r["category_id"], r["segmentation"]["counts"]) for r in b]
+    assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=1e-6)
