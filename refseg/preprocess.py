@@ -7,6 +7,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+# ImageNet statistics, the input normalisation of both SAM2 and DINOv2
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     """[H, W, 3] uint8 -> [3, H, W] float32 in [0, 1]."""

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from refseg.devices import select_device
+from refseg.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from refseg.models.checkpoints import (
     CheckpointError,
     CheckpointSpec,
@@ -42,8 +43,6 @@ from refseg.models.checkpoints import (
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PATCH_SIZE = 14
 DEFAULT_INPUT_SIZE = 518  # DINOv2's training resolution: a 37 x 37 patch grid
 

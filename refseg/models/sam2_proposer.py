@@ -20,6 +20,7 @@ import torch
 
 from refseg.config import ProposalConfig
 from refseg.devices import select_device
+from refseg.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from refseg.interfaces import Proposals
 from refseg.models.checkpoints import (
     CheckpointError,
@@ -33,8 +34,6 @@ from refseg.models.checkpoints import (
 if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 MASK_STRIDE = 4  # SAM2's low-resolution mask logits are image_size / 4 on a side
 _SIZE_MULTIPLE = 32  # Hiera's last stage runs at stride 32
 
