@@ -15,6 +15,8 @@ Each operator is a thin shell: it reads its form into arguments of a function of
 
 from __future__ import annotations
 
+import copy
+
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
@@ -179,6 +181,10 @@ def _stream(ctx, generator, summarise):
     yield ctx.trigger("reload_dataset")
 
 
+def _notify(ctx, message: str):
+    yield ctx.trigger("notify", {"message": message, "variant": "success"})
+
+
 def _summary_output(ctx, label: str):
     outputs = types.Object()
     outputs.str("summary", label=label, view=types.MarkdownView())
@@ -307,18 +313,46 @@ class AutoLabel(_RefsegOperator):
 
     def __call__(self, sample_collection, bank_name=core.DEFAULT_BANK, label_field=core.DEFAULT_OUTPUT_FIELD,
                  reference_tag=None, existing="resume", score_threshold=None, preset=None, overrides=None,
-                 batch_size=None, device=None, cache_candidates=None, delegate=False):
+                 batch_size=None, device=None, cache_candidates=None, num_shards=None, shard_index=None,
+                 devices=None, delegate=False):
         """Label ``sample_collection`` (except the reference samples) into ``label_field`` with a bank.
 
         Returns the run report, or the queued job when ``delegate`` is True.
+
+        ``num_shards`` > 1 with ``shard_index`` (0-based): label only that shard of the targets
+        (:func:`core.shard_of`). ``num_shards`` > 1 without ``shard_index``: queue ``num_shards``
+        delegated jobs, one per shard, for as many workers (``fiftyone delegated launch``), and
+        return ``{"jobs": [their ids], ...}``. ``devices`` (``"all"``, ``"cuda:0,cuda:1"``): every
+        listed local device at once, one worker process each.
         """
         return _call(self, sample_collection, dict(
             bank_name=bank_name, label_field=label_field, reference_tag=reference_tag, existing=existing,
             score_threshold=score_threshold, preset=preset, overrides=overrides, batch_size=batch_size,
-            device=device, cache_candidates=cache_candidates), delegate)
+            device=device, cache_candidates=cache_candidates, num_shards=num_shards, shard_index=shard_index,
+            devices=devices), delegate)
 
     def _targets(self, ctx):
         return core._targets(_scope_view(ctx), self._reference_tag(ctx))
+
+    @staticmethod
+    def _num_shards(ctx) -> int:
+        return int(ctx.params.get("num_shards") or 1)
+
+    def _queues_shards(self, ctx) -> bool:
+        """Several shards and none chosen: this run only queues one delegated job per shard."""
+        return self._num_shards(ctx) > 1 and ctx.params.get("shard_index") is None
+
+    def resolve_delegation(self, ctx):
+        if self._queues_shards(ctx):
+            return False  # queueing is quick; the shard jobs themselves are delegated
+        return super().resolve_delegation(ctx)
+
+    def resolve_run_name(self, ctx):
+        n = self._num_shards(ctx)
+        name = f"refseg: auto-label {ctx.params.get('label_field') or core.DEFAULT_OUTPUT_FIELD}"
+        if n > 1 and ctx.params.get("shard_index") is not None:
+            name += f" (shard {int(ctx.params['shard_index']) + 1}/{n})"
+        return name
 
     def _reference_tag(self, ctx):
         tag = ctx.params.get("reference_tag")
@@ -352,28 +386,73 @@ class AutoLabel(_RefsegOperator):
         _preset_input(inputs, record.get("preset", "paper"))
         inputs.int("batch_size", default=1, min=1, label="Batch size")
         _device_input(ctx, inputs)
+        inputs.str("devices", default=None, label="Several devices",
+                   description="Every listed local device at once, one process each: all (every GPU), or "
+                               "cuda:0,cuda:1 (empty: the single device above; batch size is then per device)")
         inputs.bool("cache_candidates", default=_cache_default(ctx), label="Cache proposals",
                     description="Keep each image's proposals and features on disk, so that labelling again after "
-                                "a review (or with other merge settings) runs no network")
+                                "a review (or with other merge settings) runs no network (single device only)")
         n = len(self._targets(ctx))
         inputs.view("target_count", types.Notice(label=f"{n} sample(s) to consider"))
-        _delegate_input(ctx, inputs, n > DELEGATE_ABOVE)
+        inputs.int("num_shards", default=1, min=1, label="Shards",
+                   description="Split the targets into this many disjoint parts (by a hash of the sample id), "
+                               "one delegated job each, for several workers or machines")
+        n_shards = self._num_shards(ctx)
+        if n_shards > 1:
+            inputs.int("shard_index", default=None, min=0, max=n_shards - 1, label="Shard",
+                       description=f"Only this shard (0..{n_shards - 1}); empty: queue one delegated job per shard")
+        if self._queues_shards(ctx):
+            inputs.view("shards_notice", types.Notice(
+                label=f"{n_shards} delegated jobs will be queued, one per shard: start a worker per GPU or machine "
+                      "(`fiftyone delegated launch`)"))
+        else:
+            _delegate_input(ctx, inputs, n > DELEGATE_ABOVE)
         return types.Property(inputs, view=types.View(label="refseg: auto-label"))
 
     def execute(self, ctx):
         p = ctx.params
+        if self._queues_shards(ctx):
+            report = self._queue_shards(ctx)
+            if ctx.delegated or not p.get("stream_progress", True):
+                return report
+            return _notify(ctx, report["summary"])  # the App reads a generator operator's triggers
         generator = core.iter_auto_label(
             _scope_view(ctx), bank_name=p.get("bank_name") or core.DEFAULT_BANK,
             label_field=p.get("label_field") or core.DEFAULT_OUTPUT_FIELD, reference_tag=self._reference_tag(ctx),
             batch_size=int(p.get("batch_size") or 1), device=p.get("device"),
             score_threshold=p.get("score_threshold"), preset=p.get("preset"), overrides=p.get("overrides"),
             existing=p.get("existing") or "resume",
-            cache_candidates=bool(p.get("cache_candidates", _cache_default(ctx))))
+            cache_candidates=bool(p.get("cache_candidates", _cache_default(ctx))),
+            num_shards=self._num_shards(ctx), shard_index=p.get("shard_index"), devices=p.get("devices") or None)
         if ctx.delegated or not p.get("stream_progress", True):
             report = core.exhaust(generator, _progress_to_ctx(ctx))
             report["summary"] = _label_summary(report)
             return report
         return _stream(ctx, generator, _label_summary)
+
+    def _queue_shards(self, ctx) -> dict:
+        """Queue one delegated auto_label job per shard, each with this run's context and its ``shard_index``."""
+        from fiftyone.operators.delegated import DelegatedOperationService
+        from fiftyone.operators.executor import ExecutionContext
+
+        n = self._num_shards(ctx)
+        label_field = ctx.params.get("label_field") or core.DEFAULT_OUTPUT_FIELD
+        # checked and declared once here, not by n jobs at the same time
+        core.prepare_auto_label(_scope_view(ctx), bank_name=ctx.params.get("bank_name") or core.DEFAULT_BANK,
+                                label_field=label_field)
+        service = DelegatedOperationService()
+        base = {k: v for k, v in ctx.request_params.items() if k not in ("run_doc", "results", "target", "params")}
+        jobs = []
+        for index in range(n):
+            params = {**copy.deepcopy(ctx.params), "num_shards": n, "shard_index": index, "delegate": True}
+            request = {**copy.deepcopy(base), "params": params, "delegated": True}
+            shard_ctx = ExecutionContext(request_params=request)
+            doc = service.queue_operation(operator=self.uri, context=shard_ctx, label=self.resolve_run_name(shard_ctx),
+                                          rerunnable=self.config.rerunnable)
+            jobs.append(str(doc.id))
+        return {"jobs": jobs, "num_shards": n, "label_field": label_field,
+                "summary": f"Queued {n} delegated auto-label jobs into '{label_field}', one per shard: start "
+                           "`fiftyone delegated launch` on each worker (GPU or machine)"}
 
 
 def _cache_default(ctx) -> bool:

@@ -608,10 +608,93 @@ def _targets(samples, reference_tag: str | None):
     return samples.match_tags(reference_tag, bool=False) if reference_tag else samples
 
 
+# ---------------------------------------------------------------------------- shards and devices
+
+
+def shard_of(sample_id: str, num_shards: int) -> int:
+    """The shard (0-based) of a sample among ``num_shards``: a stable hash of its id modulo ``num_shards``.
+
+    ``int(sha256(sample_id)[:16 hex digits], 16) % num_shards``: it depends on nothing but the
+    id, so every worker, on every machine, computes the same partition without talking to
+    the others; shards are disjoint, their union is the whole collection, their sizes are
+    about equal, and a sample keeps its shard when others are added or deleted.
+    """
+    digest = hashlib.sha256(str(sample_id).encode()).hexdigest()
+    return int(digest[:16], 16) % int(num_shards)
+
+
+def check_shard(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
+    """``(num_shards, shard_index)`` validated (None: 1 shard, shard 0)."""
+    n = 1 if num_shards is None else int(num_shards)
+    i = 0 if shard_index is None else int(shard_index)
+    if n < 1:
+        raise ValueError(f"num_shards must be at least 1, not {n}")
+    if not 0 <= i < n:
+        raise ValueError(f"shard_index must be in 0..{n - 1} for {n} shard(s), not {i}")
+    return n, i
+
+
+def _in_shard(ids: list[str], num_shards: int, shard_index: int) -> list[str]:
+    return ids if num_shards == 1 else [i for i in ids if shard_of(i, num_shards) == shard_index]
+
+
+def shard_ids(samples, num_shards: int, shard_index: int) -> list[str]:
+    """Ids of the samples of ``samples`` in shard ``shard_index`` of ``num_shards`` (in the collection's order)."""
+    num_shards, shard_index = check_shard(num_shards, shard_index)
+    return _in_shard(samples.values("id"), num_shards, shard_index)
+
+
+def parse_devices(devices: str | Iterable[str] | None) -> list[str] | None:
+    """The local devices of a run: None for the usual single device (the ``device`` argument).
+
+    ``"all"``: every CUDA device (the CPU where there is none); ``"cuda:0,cuda:1"`` (or a
+    list): those. Each named device must exist here (a ValueError says what there is).
+    """
+    from refseg.device_pool import local_devices
+
+    if devices is None:
+        return None
+    if isinstance(devices, str):
+        if not devices.strip():
+            return None
+        spec = devices.strip()
+        names = local_devices("all" if spec.lower() == "all" else spec)
+    else:
+        names = [str(d).strip() for d in devices if str(d).strip()]
+        if not names:
+            return None
+    return [str(select_device(d)) for d in names]
+
+
+def segmenter_spec(dataset: fo.Dataset, bank_name: str, record: dict, models: ModelSettings,
+                   config: PipelineConfig):
+    """A :class:`refseg.device_pool.SegmenterSpec` that builds, in a worker process, the Segmenter of this run."""
+    from refseg.device_pool import SegmenterSpec
+
+    return SegmenterSpec(
+        proposer=models.proposer, encoder=models.encoder, bank_path=str(_bank_file(dataset, record, bank_name)),
+        config=config.to_dict(), proposer_checkpoint=models.proposer_checkpoint,
+        encoder_checkpoint=models.encoder_checkpoint, encoder_input_size=models.encoder_input_size,
+        random_init=models.random_init, seed=0 if models.random_init else None)  # seed 0: as in _seeded
+
+
+def prepare_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str = DEFAULT_OUTPUT_FIELD) -> dict:
+    """What every shard job needs before several run at once: the bank exists, the output field is declared.
+
+    Declaring the field once, before the jobs are queued, keeps concurrent jobs from each
+    adding it to the dataset's schema. Returns the bank's record.
+    """
+    dataset = _dataset_of(samples)
+    record = bank_record(dataset, bank_name)
+    _ensure_output_field(dataset, label_field)
+    return record
+
+
 def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str = DEFAULT_OUTPUT_FIELD,
                     reference_tag: str | None = DEFAULT_REFERENCE_TAG, batch_size: int = 1,
                     device: str | None = None, score_threshold: float | None = None, preset: str | None = None,
-                    overrides: str | dict | None = None, existing: str = "resume", cache_candidates: bool = False
+                    overrides: str | dict | None = None, existing: str = "resume", cache_candidates: bool = False,
+                    num_shards: int = 1, shard_index: int = 0, devices: str | Iterable[str] | None = None
                     ) -> Generator[Progress, None, dict]:
     """Label the samples (except those tagged ``reference_tag``) with a bank; yields progress, returns a report.
 
@@ -626,9 +709,27 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
     (:class:`refseg.candidate_cache.CandidateCache` under :func:`candidate_dir`), so
     labelling again after the bank changed (review loop) or with other merge settings
     runs no network; the labels are the same as without the cache.
+
+    ``num_shards`` / ``shard_index``: label only shard ``shard_index`` (0-based) of the
+    targets, the samples whose :func:`shard_of` is ``shard_index``; the shards of one
+    ``num_shards`` are disjoint and together are all targets, so ``num_shards`` jobs (on as
+    many workers or machines) label every target once. The run key does not depend on the
+    shards: resuming works within a shard and across shard counts.
+
+    ``devices``: several local devices at once (``"all"``, ``"cuda:0,cuda:1"``), one worker
+    process each (:class:`refseg.device_pool.DevicePool`); ``batch_size`` is then per device.
+    None or "" (or a single device) labels in this process on ``device`` / that device. The
+    candidate cache is used only with a single device.
     """
     if existing not in EXISTING_MODES:
         raise ValueError(f"existing must be one of {', '.join(EXISTING_MODES)}, not {existing!r}")
+    num_shards, shard_index = check_shard(num_shards, shard_index)
+    device_list = parse_devices(devices)
+    if device_list is not None and len(device_list) == 1:
+        device, device_list = device_list[0], None
+    if device_list is not None and cache_candidates:
+        raise ValueError(f"the candidate cache works with a single device only, not with devices={devices!r}: "
+                         "turn off cache_candidates or label on one device")
     dataset = _dataset_of(samples)
     bank, record = load_bank(dataset, bank_name)
     models = ModelSettings.from_dict(record["models"])
@@ -644,30 +745,72 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
     _ensure_output_field(dataset, label_field)
 
     targets = _targets(samples, reference_tag)
-    n_targets = len(targets)
+    # each shard job computes its part from the ids alone: no coordination between the jobs
+    n_targets = len(targets) if num_shards == 1 else len(shard_ids(targets, num_shards, shard_index))
+
+    def mine(ids_: list[str]) -> list[str]:
+        return _in_shard(ids_, num_shards, shard_index)
+
     foreign = 0
     if existing == "resume":
         todo = targets.match(F(f"{label_field}.{RUN_ATTR}") != key)
         foreign_view = todo.exists(label_field).match(~F(f"{label_field}.{RUN_ATTR}").exists())
-        foreign_ids = set(foreign_view.values("id"))
+        foreign_ids = set(mine(foreign_view.values("id")))
         foreign = len(foreign_ids)
-        ids = [i for i in todo.values("id") if i not in foreign_ids]
+        ids = [i for i in mine(todo.values("id")) if i not in foreign_ids]
     elif existing == "skip_labelled":
-        ids = targets.exists(label_field, False).values("id")
+        ids = mine(targets.exists(label_field, False).values("id"))
     else:
-        ids = targets.values("id")
+        ids = mine(targets.values("id"))
     done_before = n_targets - len(ids) - foreign
 
-    device = resolve_device(device, dataset)
     total = len(ids)
-    segmenter = Segmenter(load_proposer(models, device), load_encoder(models, device), bank, config) if total else None
-    cache = _candidate_cache(dataset, segmenter) if cache_candidates and segmenter is not None else None
+    segmenter = cache = None
+    if device_list is not None:
+        used_devices = device_list
+        if total:  # one worker process per device, each with its own proposer, encoder and bank
+            from refseg.device_pool import DevicePool
+
+            segmenter = DevicePool(segmenter_spec(dataset, bank_name, record, models, config), device_list)
+    else:
+        device = resolve_device(device, dataset)
+        used_devices = [str(device)]
+        if total:
+            segmenter = Segmenter(load_proposer(models, device), load_encoder(models, device), bank, config)
+        cache = _candidate_cache(dataset, segmenter) if cache_candidates and segmenter is not None else None
+    step = max(1, int(batch_size)) * len(used_devices)  # batch_size per device
+    try:
+        report = yield from _label_loop(dataset, ids, step, segmenter, cache, label_field, key, bank_name)
+    finally:
+        if device_list is not None and segmenter is not None:
+            segmenter.close()
+    report = {
+        "bank": bank_name,
+        "label_field": label_field,
+        "run_key": key,
+        "num_targets": n_targets,
+        "num_already_done": done_before,
+        "num_foreign_skipped": foreign,
+        **report,
+        "shard": {"index": shard_index, "count": num_shards} if num_shards > 1 else None,
+        "devices": used_devices,
+        "cache": ({"path": str(cache.root), **{k: int(v) for k, v in cache.stats.items()}}
+                  if cache is not None else None),
+    }
+    _record_run(dataset, label_field, report)
+    return report
+
+
+def _label_loop(dataset: fo.Dataset, ids: list[str], step: int, segmenter, cache, label_field: str, key: str,
+                bank_name: str) -> Generator[Progress, None, dict]:
+    """Label ``ids`` ``step`` at a time with ``segmenter`` (a Segmenter or a DevicePool), each sample saved when done."""
+    total = len(ids)
     started = _now()
     failed: list[dict] = []
     labelled = instances = 0
     yield Progress(0, total, f"labelling {total} sample(s)")
-    for start in range(0, total, max(1, int(batch_size))):
-        chunk = ids[start:start + max(1, int(batch_size))]
+    for start in range(0, total, step):
+        chunk = ids[start:start + step]
         batch = []  # (sample, image or path, cache key)
         for sample in dataset.select(chunk, ordered=True).select_fields(label_field).iter_samples():
             try:
@@ -691,25 +834,8 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
                 instances += len(labels.detections)
         done = min(start + len(chunk), total)
         yield Progress(done, total, f"{done}/{total} samples labelled" + (f", {len(failed)} failed" if failed else ""))
-
-    report = {
-        "bank": bank_name,
-        "label_field": label_field,
-        "run_key": key,
-        "num_targets": n_targets,
-        "num_labelled": labelled,
-        "num_instances": instances,
-        "num_already_done": done_before,
-        "num_foreign_skipped": foreign,
-        "num_failed": len(failed),
-        "failed": _capped(failed),
-        "cache": ({"path": str(cache.root), **{k: int(v) for k, v in cache.stats.items()}}
-                  if cache is not None else None),
-        "started_at": started,
-        "finished_at": _now(),
-    }
-    _record_run(dataset, label_field, report)
-    return report
+    return {"num_labelled": labelled, "num_instances": instances, "num_failed": len(failed),
+            "failed": _capped(failed), "started_at": started, "finished_at": _now()}
 
 
 def _candidate_cache(dataset: fo.Dataset, segmenter: Segmenter) -> CandidateCache:
@@ -719,10 +845,24 @@ def _candidate_cache(dataset: fo.Dataset, segmenter: Segmenter) -> CandidateCach
 
 
 def _record_run(dataset: fo.Dataset, label_field: str, report: dict) -> None:
+    """``info["refseg_runs"][label_field]`` = the report (the last run, or the last shard job to finish).
+
+    One ``$set`` of that key alone in the dataset's document: shard jobs finishing at the
+    same time on other workers cannot undo each other's (or anyone's) other changes to ``info``.
+    """
+    summary = {k: v for k, v in report.items() if k != "failed"}
     dataset.reload()
+    if isinstance(dataset.info, dict) and isinstance(dataset.info.get(RUNS_KEY, {}), dict) \
+            and not any(c in label_field for c in ".$"):
+        from fiftyone.core.odm import get_db_conn
+
+        get_db_conn().datasets.update_one({"_id": dataset._doc.id},
+                                          {"$set": {f"info.{RUNS_KEY}.{label_field}": summary}})
+        dataset.reload()
+        return
     info = dict(dataset.info or {})
     runs = dict(info.get(RUNS_KEY, {}) or {})
-    runs[label_field] = {k: v for k, v in report.items() if k != "failed"}
+    runs[label_field] = summary
     info[RUNS_KEY] = runs
     dataset.info = info
     dataset.save()

@@ -46,11 +46,15 @@ class SegmenterSpec:
         from .plugins import build_encoder, build_proposer
 
         cfg = PipelineConfig.from_dict(self.config)
+        # the seed before each network, as the CLI and the FiftyOne plugin build them: with
+        # random_init a worker gets the very networks the bank was built with
         if self.seed is not None:
             torch.manual_seed(self.seed)
         proposer = build_proposer(self.proposer, device=device, checkpoint=self.proposer_checkpoint,
                                   config=cfg.proposal, cache_dir=self.cache_dir, offline=self.offline,
                                   random_init=self.random_init)
+        if self.seed is not None:
+            torch.manual_seed(self.seed)
         encoder = build_encoder(self.encoder, device=device, checkpoint=self.encoder_checkpoint,
                                 input_size=self.encoder_input_size, cache_dir=self.cache_dir, offline=self.offline,
                                 random_init=self.random_init)
@@ -90,8 +94,11 @@ def _worker(spec: SegmenterSpec, device: str, threads: int, jobs, results) -> No
         if threads:
             torch.set_num_threads(threads)
         seg = spec.build(device)
-        results.put(("ready", device, {"proposer": getattr(seg.proposer, "name", type(seg.proposer).__name__),
-                                       "encoder": seg.encoder.settings()}))
+        proposer_settings = getattr(seg.proposer, "settings", None)
+        results.put(("ready", device, {
+            "proposer": getattr(seg.proposer, "name", type(seg.proposer).__name__),
+            "proposer_settings": proposer_settings() if callable(proposer_settings) else None,
+            "encoder": seg.encoder.settings()}))
     except BaseException:
         results.put(("error", device, traceback.format_exc()))
         return
@@ -111,12 +118,12 @@ class WorkerError(RuntimeError):
 
 
 class _ComponentInfo:
+    """A worker's component as the main process sees it: its name, and its settings where it has them."""
+
     def __init__(self, name: str, settings: dict | None = None):
         self.name = name
-        self._settings = settings
-
-    def settings(self) -> dict:
-        return dict(self._settings or {})
+        if settings is not None:
+            self.settings = lambda: dict(settings)
 
 
 class DevicePool:
@@ -157,7 +164,7 @@ class DevicePool:
         except BaseException:
             self.close()
             raise
-        self.proposer = _ComponentInfo(infos[0]["proposer"])
+        self.proposer = _ComponentInfo(infos[0]["proposer"], infos[0]["proposer_settings"])
         self.encoder = _ComponentInfo("encoder", infos[0]["encoder"])
         self.bank.check_encoder(infos[0]["encoder"])
         self._next_job = 0

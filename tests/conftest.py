@@ -53,3 +53,13 @@ def _remove_fiftyone_tmp() -> None:
 
 
 atexit.register(_remove_fiftyone_tmp)
+
+
+def clear_queued_operations() -> None:
+    """Delete every delegated operation still queued by earlier tests, so a real worker started by a test
+    runs only what that test queues."""
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    service = DelegatedOperationService()
+    for doc in service.get_queued_operations():
+        service.delete_operation(doc.id)

@@ -48,6 +48,8 @@ def test_two_workers_match_one_process_in_order(setup, tmp_path):
         assert run.n_processed == len(targets) and not run.failed
         again = run_prediction(pool, targets, out, batch_size=4, progress=False)
         assert again.n_processed == 0 and again.n_resumed == len(targets)
+    # the same run as far as resuming goes: a single process continues what the pool started
+    assert run_prediction(single, targets, out, batch_size=4, progress=False).n_resumed == len(targets)
     records = json.loads(out.read_text())
     per_image = [r["image_id"] for r in records]
     assert per_image == sorted(per_image)  # in input order, each image once

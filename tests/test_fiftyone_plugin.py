@@ -30,6 +30,7 @@ from fiftyone.operators.delegated import DelegatedOperationService  # noqa: E402
 from fiftyone.operators.executor import ExecutionContext, ExecutionError, Executor  # noqa: E402
 
 from refseg.testing import CLASSES, DISTRACTORS, PALETTE, draw_scene  # noqa: E402
+from conftest import clear_queued_operations  # noqa: E402
 
 PLUGIN = "@refseg/refseg"
 OPERATORS = ("build_memory_bank", "auto_label", "boxes_to_masks", "evaluate_auto_labels", "export_coco",
@@ -514,6 +515,7 @@ def test_missing_and_corrupt_images_are_reported_and_the_rest_labelled(dataset, 
 
 
 def test_fiftyone_delegated_launch_worker_runs_the_job(dataset):
+    clear_queued_operations()
     build_toy_bank(dataset)
     queued = op("auto_label")(dataset, delegate=True)
     cli = Path(sys.executable).with_name("fiftyone")
