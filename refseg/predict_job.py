@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -210,17 +211,19 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
     with open(partial, "a", encoding="utf-8") as fh, tqdm(total=len(targets), initial=run.n_resumed, unit="img",
                                                            desc="predict", disable=(None if progress is None
                                                                                     else not progress)) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            new: list[dict] = []
-            ok_ids, ok_images = [], []
+        def read_batch(batch):
+            """Decode a batch's images; unreadable ones become error records."""
+            errors, ids, images = [], [], []
             for image_id, p in batch:
-                path = root / p if root is not None else Path(p)
                 try:
-                    ok_images.append(load_image(path))
-                    ok_ids.append(image_id)
+                    images.append(load_image(root / p if root is not None else Path(p)))
+                    ids.append(image_id)
                 except ImageLoadError as exc:
-                    new.append({"image_id": image_id, "file_name": str(p), "error": str(exc)})
+                    errors.append({"image_id": image_id, "file_name": str(p), "error": str(exc)})
+            return errors, ids, images
+
+        def label_and_record(new, ok_ids, ok_images, batch):
+            """Label the readable images of a batch and append the batch's records, fsync'd."""
             if ok_images:
                 try:
                     dets = segmenter.predict_batch(ok_images)
@@ -239,6 +242,16 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
                 records[rec["image_id"]] = rec
             run.n_processed += len(ok_ids)
             bar.update(len(batch))
+
+        batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
+        # the next batch is decoded in a thread while the networks work on this one
+        with ThreadPoolExecutor(max_workers=1) as reader:
+            upcoming = reader.submit(read_batch, batches[0]) if batches else None
+            for k, batch in enumerate(batches):
+                new, ok_ids, ok_images = upcoming.result()
+                if k + 1 < len(batches):
+                    upcoming = reader.submit(read_batch, batches[k + 1])
+                label_and_record(new, ok_ids, ok_images, batch)
 
     results: list[dict] = []
     for image_id, p in targets:
