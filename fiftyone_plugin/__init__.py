@@ -136,7 +136,7 @@ def _model_inputs(ctx, inputs) -> None:
 
 def _preset_input(inputs, default: str | None) -> None:
     inputs.enum("preset", ["paper", "fast"], default=default, label="Settings preset",
-                description="paper: the published method; fast: half precision and merging on a 256 grid",
+                description="paper: the published method; fast: leaner SAM2 decoder, bf16 and merging on a 256 grid",
                 view=types.RadioGroup())
     inputs.str("overrides", default=None, label="Setting overrides",
                description="e.g. proposal.points_per_side=16, merge.top_k=50")
