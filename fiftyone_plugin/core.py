@@ -85,27 +85,21 @@ def plugin_settings(dataset: fo.Dataset | None = None) -> dict:
     return merged
 
 
+def _folder(env: str, setting: str, default: str, dataset: fo.Dataset | None) -> Path:
+    """``$env``, else the plugin setting ``setting``, else ``~/.cache/refseg/<default>``."""
+    chosen = os.environ.get(env) or plugin_settings(dataset).get(setting)
+    return Path(chosen).expanduser() if chosen else Path.home() / ".cache" / "refseg" / default
+
+
 def bank_dir(dataset: fo.Dataset | None = None) -> Path:
     """Folder of memory banks: ``$REFSEG_BANK_DIR``, else the ``bank_dir`` setting, else ``~/.cache/refseg/banks``."""
-    env = os.environ.get(BANK_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    setting = plugin_settings(dataset).get("bank_dir")
-    if setting:
-        return Path(setting).expanduser()
-    return Path.home() / ".cache" / "refseg" / "banks"
+    return _folder(BANK_DIR_ENV, "bank_dir", "banks", dataset)
 
 
 def candidate_dir(dataset: fo.Dataset | None = None) -> Path:
     """Folder of cached proposals: ``$REFSEG_CANDIDATE_DIR``, else the ``candidate_dir`` setting,
     else ``~/.cache/refseg/candidates``."""
-    env = os.environ.get(CANDIDATE_DIR_ENV)
-    if env:
-        return Path(env).expanduser()
-    setting = plugin_settings(dataset).get("candidate_dir")
-    if setting:
-        return Path(setting).expanduser()
-    return Path.home() / ".cache" / "refseg" / "candidates"
+    return _folder(CANDIDATE_DIR_ENV, "candidate_dir", "candidates", dataset)
 
 
 def _slug(name: str) -> str:
