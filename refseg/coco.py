@@ -56,21 +56,26 @@ class SamplingRules:
 # ---------------------------------------------------------------------------- reading COCO files
 
 
+def _read_json(source: str | os.PathLike, what: str):
+    """Parse a JSON file; a missing file or bad JSON is a clear error naming ``what`` and the path."""
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+
+
 def read_coco(source: str | os.PathLike | dict) -> dict:
     """A COCO dict from a path or a dict (returned as is); clear errors for missing or malformed files."""
     if isinstance(source, dict):
         data = source
         name = "COCO dict"
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise FileNotFoundError(f"COCO file not found: {path}")
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} is not valid JSON: {exc}") from exc
-        name = str(path)
+        data = _read_json(source, "COCO file")
+        name = str(Path(source))
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
             data.get("annotations", []), list):
         raise ValueError(f"{name} is not a COCO instances file (expected a dict with 'images' and 'annotations')")
@@ -372,16 +377,9 @@ def read_results(results: str | os.PathLike | list) -> list[dict]:
     """COCO result records from a path or a list."""
     if isinstance(results, list):
         return results
-    path = Path(results)
-    if not path.is_file():
-        raise FileNotFoundError(f"results file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+    data = _read_json(results, "results file")
     if not isinstance(data, list):
-        raise ValueError(f"{path} is not a COCO results file (expected a JSON list of detections)")
+        raise ValueError(f"{Path(results)} is not a COCO results file (expected a JSON list of detections)")
     return data
 
 
