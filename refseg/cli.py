@@ -108,10 +108,9 @@ def _build(kind: str, spec: str, args, **kwargs):
 
 
 def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    from .predict_job import write_atomic
+
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 # ---------------------------------------------------------------------------- sample

@@ -129,7 +129,8 @@ def _read_partial(path: Path) -> tuple[dict | None, dict[int, dict], bool]:
     return header, records, dirty
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a fsync'd temporary file and a rename: never half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -198,10 +199,10 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
                     f"{partial}: image id {image_id} was {rec['file_name']!r} but is now {names[image_id]!r}; "
                     f"the image list changed: use --restart (restart=True)")
         if dirty:  # drop the cut-off line so that appends start on a fresh line
-            _write_atomic(partial, "".join(_dumps(x) + "\n" for x in [header, *records.values()]))
+            write_atomic(partial, "".join(_dumps(x) + "\n" for x in [header, *records.values()]))
     else:
         partial.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(partial, _dumps({_PARTIAL_KEY: _PARTIAL_VERSION, "run": info}) + "\n")
+        write_atomic(partial, _dumps({_PARTIAL_KEY: _PARTIAL_VERSION, "run": info}) + "\n")
 
     done = {i for i, rec in records.items() if "detections" in rec}
     todo = [(int(i), p) for i, p in targets if int(i) not in done]
@@ -262,7 +263,7 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
             continue
         results.extend(rec["detections"])
     run.n_detections = len(results)
-    _write_atomic(out_path, json.dumps(results))
+    write_atomic(out_path, json.dumps(results))
     if not keep_partial and not run.failed:
         partial.unlink()
     return run
