@@ -72,9 +72,9 @@ class StageTimer:
 def instrument(seg: Segmenter, timer: StageTimer) -> None:
     """Time the stages without touching the library: wrap the functions the pipeline calls."""
     for attr, name in (("match_to_prototypes", "matching+NMS"), ("class_aware_nms", "matching+NMS"),
-                       ("soft_merge", "merging"), ("pool_features", "pooling")):
+                       ("soft_merge", "merging"), ("pool_features", "pooling"),
+                       ("upsample_masks", "upsampling")):
         setattr(pipeline_module, attr, timer.wrap(getattr(pipeline_module, attr), name))
-    seg._upsample = timer.wrap(seg._upsample, "upsampling")
     seg.encoder.encode = timer.wrap(seg.encoder.encode, "DINOv2")
     model = getattr(seg.proposer, "model", None)
     if model is not None and hasattr(model, "image_encoder"):

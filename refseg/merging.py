@@ -23,41 +23,73 @@ def class_aware_nms(boxes: torch.Tensor, ranking: torch.Tensor, labels: torch.Te
     return keep[:max_keep]
 
 
-def intersections_by_class(masks: torch.Tensor, labels: torch.Tensor, chunk_pixels: int = 1 << 20) -> torch.Tensor:
+def intersections_by_class(masks: torch.Tensor, labels: torch.Tensor, windows: torch.Tensor | None = None,
+                           chunk_pixels: int = 1 << 20) -> torch.Tensor:
     """[N, N] pixel counts |M_i ∩ M_j| for pairs of the same class (0 across classes).
 
-    masks [N, H, W] bool. Counted with matmuls over pixel chunks, one class at a time, so
-    memory stays bounded and no pair of different classes costs anything.
+    masks [N, H, W] bool. Without ``windows``: matmuls over pixel chunks, one class at a
+    time, so memory stays bounded and no pair of different classes costs anything.
+    ``windows`` [N, 4] (y0, y1, x0, x1), half-open, bound where each mask can be True
+    (:func:`refseg.upsampling.output_windows`): then each mask is counted against the
+    same-class masks whose windows meet its own, inside its window only, so the work
+    follows the masks' areas rather than the image's (the counts are the same).
     """
     n = masks.shape[0]
-    flat = masks.reshape(n, -1)
     inter = torch.zeros(n, n, dtype=torch.float64, device=masks.device)
-    # bf16/fp16 would round counts; fp32 sums of 0/1 are exact per chunk below 2**24 pixels
     for cls in labels.unique():
         idx = (labels == cls).nonzero().squeeze(1)
         if idx.numel() < 2:
             continue
-        acc = torch.zeros(idx.numel(), idx.numel(), dtype=torch.float64, device=masks.device)
-        for start in range(0, flat.shape[1], chunk_pixels):
-            part = flat[idx, start:start + chunk_pixels].to(torch.float32)
-            acc += (part @ part.T).to(torch.float64)
+        if windows is None:
+            acc = _gram_counts(masks[idx].reshape(idx.numel(), -1), chunk_pixels)
+        else:
+            acc = _windowed_counts(masks[idx], windows[idx].to(masks.device))
         inter[idx.unsqueeze(1), idx.unsqueeze(0)] = acc
     return inter
 
 
+def _gram_counts(flat: torch.Tensor, chunk_pixels: int) -> torch.Tensor:
+    """flat [n, P] bool -> [n, n] float64 |row_i ∩ row_j|."""
+    acc = torch.zeros(flat.shape[0], flat.shape[0], dtype=torch.float64, device=flat.device)
+    # bf16/fp16 would round counts; fp32 sums of 0/1 are exact per chunk below 2**24 pixels
+    for start in range(0, flat.shape[1], chunk_pixels):
+        part = flat[:, start:start + chunk_pixels].to(torch.float32)
+        acc += (part @ part.T).to(torch.float64)
+    return acc
+
+
+def _windowed_counts(masks: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """masks [n, H, W] bool, windows [n, 4] -> [n, n] float64 intersection counts (symmetric)."""
+    n = masks.shape[0]
+    y0, y1, x0, x1 = windows.unbind(1)
+    meets = (y0[:, None] < y1[None, :]) & (y0[None, :] < y1[:, None]) & \
+            (x0[:, None] < x1[None, :]) & (x0[None, :] < x1[:, None])
+    acc = torch.zeros(n, n, dtype=torch.float64, device=masks.device)
+    for i, (a, b, c, d) in enumerate(windows.tolist()):
+        js = meets[i].nonzero().squeeze(1)
+        js = js[js >= i]  # the lower triangle is mirrored below
+        if js.numel() == 0:
+            continue
+        own = masks[i, a:b, c:d]
+        counts = (masks[js, a:b, c:d] & own).reshape(js.numel(), -1).sum(dim=1)
+        acc[i, js] = counts.to(torch.float64)
+    return torch.maximum(acc, acc.T)
+
+
 def soft_merge(masks: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, ranking: torch.Tensor,
-               features: torch.Tensor) -> torch.Tensor:
+               features: torch.Tensor, windows: torch.Tensor | None = None) -> torch.Tensor:
     """Semantic-aware soft merging; returns the decayed scores.
 
     Within each class, masks are ranked by ``ranking`` (the proposer's predicted IoU).
     For mask i, ``d_i = max over higher-ranked j of IoS(i, j) * max(0, f_i . f_j)``
     with ``IoS(i, j) = |M_i ∩ M_j| / |M_i|``, and ``score_i * sqrt(1 - d_i)``.
-    Every decay uses the original scores (not sequential like Soft-NMS).
+    Every decay uses the original scores (not sequential like Soft-NMS). ``windows``: see
+    :func:`intersections_by_class` (a speed-up only; the result is the same).
     """
     n = masks.shape[0]
     if n < 2:
         return scores.clone()
-    inter = intersections_by_class(masks, labels)
+    inter = intersections_by_class(masks, labels, windows)
     area = inter.diagonal().clamp(min=1)
     ios = (inter / area.unsqueeze(1)).to(torch.float32)  # row i: fraction of M_i covered by M_j
     semantic = (features @ features.T).clamp(min=0)

@@ -17,7 +17,6 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import PAPER, PipelineConfig
 from .images import load_image
@@ -28,6 +27,7 @@ from .merging import class_aware_nms, mask_boxes, soft_merge, top_k
 from .precision import autocast
 from .preprocess import resize_for_encoder, squash_to_square
 from .results import Detections, masks_to_boxes
+from .upsampling import output_windows, upsample_masks
 
 ImageInput = "str | os.PathLike | np.ndarray | PIL.Image.Image"
 
@@ -126,13 +126,16 @@ class Segmenter:
             r = cfg.merge.merge_resolution
             full = None
             if cfg.merge.soft_merge:
-                if r:  # overlaps measured on an r x r grid: only the survivors need full resolution
-                    merge_masks = self._upsample(logits, (r, r)) > threshold
-                else:  # paper: overlaps at full image resolution
-                    full = merge_masks = self._upsample(logits, (h, w)) > threshold  # [K, H, W]
-                scores = soft_merge(merge_masks, scores, labels, pred_iou, features)
+                # paper: overlaps at full image resolution; merge_resolution r: on an r x r grid, and then
+                # only the survivors need full resolution
+                size = (r, r) if r else (h, w)
+                windows = output_windows(logits, size, threshold)
+                merge_masks = upsample_masks(logits, size, threshold, windows=windows)
+                if not r:
+                    full = merge_masks
+                scores = soft_merge(merge_masks, scores, labels, pred_iou, features, windows)
             best = top_k(scores, cfg.merge.top_k, cfg.merge.score_threshold)
-            full = full[best] if full is not None else self._upsample(logits[best], (h, w)) > threshold
+            full = full[best] if full is not None else upsample_masks(logits[best], (h, w), threshold)
             masks = full.cpu().numpy()
             return Detections(
                 masks=masks,
@@ -142,13 +145,6 @@ class Segmenter:
                 class_names=self.class_names,
                 pred_iou=pred_iou[best].float().cpu().numpy(),
             )
-
-    @staticmethod
-    def _upsample(logits: torch.Tensor, size: tuple[int, int], chunk: int = 64) -> torch.Tensor:
-        """Bilinear resize of [K, h, w] logits in chunks (bounded float memory)."""
-        parts = [F.interpolate(logits[i:i + chunk, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-                 for i in range(0, logits.shape[0], chunk)]
-        return torch.cat(parts) if parts else logits.new_zeros(0, *size)
 
     # ------------------------------------------------------------------ convenience
     def predict(self, image, cache=None, key: str | None = None) -> Detections:
