@@ -37,11 +37,12 @@ from fiftyone import ViewField as F
 
 import refseg
 from refseg import ImageLoadError, MemoryBank, Reference, ReferenceEncoder, Segmenter, UnusableReference
-from refseg.candidate_cache import CandidateCache, image_key, settings_hash, stage1_settings
+from refseg.candidate_cache import CandidateCache, settings_hash, stage1_settings
 from refseg.config import PipelineConfig, get_preset
 from refseg.devices import select_device
 from refseg.images import image_size
 from refseg.plugins import build_encoder, build_proposer
+from refseg.prefetch import read_ahead
 
 from .convert import box_to_pixels, detection_box_pixels, detection_mask, mask_to_crop, to_fiftyone_detections
 
@@ -803,30 +804,31 @@ def _label_loop(dataset: fo.Dataset, ids: list[str], step: int, segmenter, cache
     failed: list[dict] = []
     labelled = instances = 0
     yield Progress(0, total, f"labelling {total} sample(s)")
-    for start in range(0, total, step):
-        chunk = ids[start:start + step]
-        batch = []  # (sample, image or path, cache key)
+
+    def read(chunk: list[str]) -> tuple[list, list]:
+        """A chunk's samples and what labelling them needs (cache entries or decoded images), read ahead."""
+        ready, items = [], []
         for sample in dataset.select(chunk, ordered=True).select_fields(label_field).iter_samples():
             try:
-                cache_key = image_key(sample.filepath) if cache is not None else None
-                if cache_key is not None and cache_key in cache:
-                    batch.append((sample, sample.filepath, cache_key))  # a hit: no decode, no network
-                else:
-                    batch.append((sample, refseg.load_image(sample.filepath), cache_key))
+                items.append(segmenter.prepare(sample.filepath, cache))
+                ready.append(sample)
             except ImageLoadError as exc:
                 failed.append({"sample_id": sample.id, "filepath": sample.filepath, "error": str(exc)})
-        if batch:
-            images = [image for _, image, _ in batch]
-            if cache is not None:
-                results = segmenter.predict_batch(images, cache=cache, keys=[k for _, _, k in batch])
-            else:
-                results = segmenter.predict_batch(images)
-            for (sample, _, _), dets in zip(batch, results):
+        return ready, items
+
+    if cache is not None:
+        cache.bind_segmenter(segmenter)  # here, not first in the reader thread
+    chunks = [ids[start:start + step] for start in range(0, total, step)]
+    done = 0
+    # the next chunk is read in a thread while the networks work on this one
+    for chunk, (ready, items) in read_ahead(chunks, read):
+        if items:
+            for sample, dets in zip(ready, segmenter.label_prepared(items, cache)):
                 labels = to_fiftyone_detections(dets, **{RUN_ATTR: key, BANK_ATTR: bank_name})
                 _write_labels(sample, label_field, labels)
                 labelled += 1
                 instances += len(labels.detections)
-        done = min(start + len(chunk), total)
+        done += len(chunk)
         yield Progress(done, total, f"{done}/{total} samples labelled" + (f", {len(failed)} failed" if failed else ""))
     return {"num_labelled": labelled, "num_instances": instances, "num_failed": len(failed),
             "failed": _capped(failed), "started_at": started, "finished_at": _now()}

@@ -439,26 +439,10 @@ class CandidateCache:
         return sum(p.stat().st_size for p in (self.root / "entries").glob("*/[!.]*.npz"))
 
     # ------------------------------------------------------------------ with a segmenter
-    def candidates(self, segmenter: "Segmenter", images: Sequence,
-                   keys: Sequence[str] | None = None) -> list["Candidates"]:
-        """Candidates of each image: from the cache on a hit; on a miss from ``segmenter.propose``
-        (the misses of the call as one batch), then stored. Hits neither decode the image nor run
-        a network. ``keys`` default to :func:`image_key` of each image."""
-        from .images import load_image
-
-        self.bind_segmenter(segmenter)
-        keys = [image_key(im) for im in images] if keys is None else [str(k) for k in keys]
-        if len(keys) != len(images):
-            raise ValueError(f"{len(images)} images but {len(keys)} keys")
-        device = segmenter.proposer.device
-        out: list = [self.get(k, device) for k in keys]
-        missing = [i for i, c in enumerate(out) if c is None]
-        if missing:
-            fresh = segmenter.propose([load_image(images[i]) for i in missing])
-            for i, cand in zip(missing, fresh):
-                self.put(keys[i], cand)
-                out[i] = cand
-        return out
+    @staticmethod
+    def key_of(source: Any) -> str:
+        """The default key of an image (:func:`image_key`)."""
+        return image_key(source)
 
     # ------------------------------------------------------------------ helpers
     @staticmethod

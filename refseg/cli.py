@@ -299,6 +299,17 @@ def cmd_predict(args) -> int:
         proposer = _build("proposer", args.proposer, args, checkpoint=args.proposer_checkpoint, config=cfg.proposal)
         segmenter = Segmenter(proposer, encoder, bank, cfg)
 
+    cache = None
+    if args.candidate_cache:
+        if isinstance(segmenter, DevicePool):
+            segmenter.close()
+            raise UsageError("--candidate-cache works with a single device only: drop it or --devices")
+        from .candidate_cache import CandidateCache, settings_hash, stage1_settings
+
+        settings = stage1_settings(segmenter)
+        cache = CandidateCache(Path(args.candidate_cache) / settings_hash(settings), settings)
+        _say(f"candidate cache: {cache.root} ({len(cache)} image(s) in it)")
+
     out = Path(args.out)
     _write_json(sidecar_path(out, ".categories.json"), categories)
     _write_json(sidecar_path(out, ".images.json"), [{"id": i, "file_name": f} for i, f in targets])
@@ -307,11 +318,13 @@ def cmd_predict(args) -> int:
     try:
         run = run_prediction(segmenter, targets, out, mapping, image_root=image_dir, batch_size=batch_size,
                              keep_partial=not args.remove_partial, restart=args.restart,
-                             progress=False if args.quiet else None)
+                             progress=False if args.quiet else None, cache=cache)
     finally:
         if isinstance(segmenter, DevicePool):
             segmenter.close()
     _say(run.summary())
+    if cache is not None:
+        _say(f"candidate cache: {cache.stats['hits']} image(s) read from it, {cache.stats['writes']} written")
     if run.failed:
         _warn(f"{len(run.failed)} image(s) could not be labelled (listed above); rerun the command to retry them")
     _say(f"category ids: {sidecar_path(out, '.categories.json')}")
@@ -520,6 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", metavar="LIST", default=None,
                    help="label on several local devices at once, one worker process each: 'all' (every GPU) or a "
                         "list such as cuda:0,cuda:1; each batch of --batch-size images per device")
+    p.add_argument("--candidate-cache", metavar="DIR", default=None,
+                   help="keep each image's proposals and features under DIR (a sub-folder per model and proposal "
+                        "settings): a rerun with another bank or other match/merge settings then runs no network "
+                        "on the images already there (single device only)")
     p.add_argument("--limit", type=int, help="only the first N target images")
     p.add_argument("--restart", action="store_true", help="discard earlier progress of this output")
     p.add_argument("--remove-partial", action="store_true",

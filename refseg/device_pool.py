@@ -20,7 +20,9 @@ import torch
 import torch.multiprocessing as mp
 
 from .config import PipelineConfig
+from .images import load_image
 from .memory_bank import MemoryBank
+from .pipeline import PreparedImage
 from .results import Detections
 
 
@@ -199,6 +201,18 @@ class DevicePool:
 
     def predict(self, image) -> Detections:
         return self.predict_batch([image])[0]
+
+    # the reading-ahead interface of Segmenter (no candidate cache: the workers hold the networks)
+    def prepare(self, image, cache=None, key: str | None = None) -> PreparedImage:
+        """The decoded image (:meth:`refseg.pipeline.Segmenter.prepare` without a cache)."""
+        if cache is not None or key is not None:
+            raise ValueError("the candidate cache works with a single device only, not with a DevicePool")
+        return PreparedImage(rgb=load_image(image))
+
+    def label_prepared(self, items: list[PreparedImage], cache=None) -> list[Detections]:
+        if cache is not None:
+            raise ValueError("the candidate cache works with a single device only, not with a DevicePool")
+        return self.predict_batch([item.rgb for item in items])
 
     def close(self) -> None:
         """Stop the workers."""

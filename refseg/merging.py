@@ -30,9 +30,10 @@ def intersections_by_class(masks: torch.Tensor, labels: torch.Tensor, windows: t
     masks [N, H, W] bool. Without ``windows``: matmuls over pixel chunks, one class at a
     time, so memory stays bounded and no pair of different classes costs anything.
     ``windows`` [N, 4] (y0, y1, x0, x1), half-open, bound where each mask can be True
-    (:func:`refseg.upsampling.output_windows`): then each mask is counted against the
-    same-class masks whose windows meet its own, inside its window only, so the work
-    follows the masks' areas rather than the image's (the counts are the same).
+    (:func:`refseg.upsampling.output_windows`): then, on the CPU, each mask is counted
+    against the same-class masks whose windows meet its own, inside its window only, so
+    the work follows the masks' areas rather than the image's (the counts are the same).
+    Elsewhere (a GPU) the few large matmuls are faster than one small step per mask.
     """
     n = masks.shape[0]
     inter = torch.zeros(n, n, dtype=torch.float64, device=masks.device)
@@ -40,7 +41,7 @@ def intersections_by_class(masks: torch.Tensor, labels: torch.Tensor, windows: t
         idx = (labels == cls).nonzero().squeeze(1)
         if idx.numel() < 2:
             continue
-        if windows is None:
+        if windows is None or masks.device.type != "cpu":
             acc = _gram_counts(masks[idx].reshape(idx.numel(), -1), chunk_pixels)
         else:
             acc = _windowed_counts(masks[idx], windows[idx].to(masks.device))

@@ -54,6 +54,15 @@ class Candidates:
         return Candidates(self.logits.to(device), self.pred_iou.to(device), self.features.to(device), self.image_size)
 
 
+@dataclass
+class PreparedImage:
+    """An image read ahead of the networks (:meth:`Segmenter.prepare`): its cached candidates, or its pixels."""
+
+    key: str | None = None  # candidate-cache key
+    candidates: Candidates | None = None  # a cache hit
+    rgb: np.ndarray | None = None  # [H, W, 3] uint8, when there is no hit
+
+
 class Segmenter:
     """Labels images with instance masks of the memory bank's classes.
 
@@ -146,6 +155,35 @@ class Segmenter:
                 pred_iou=pred_iou[best].float().cpu().numpy(),
             )
 
+    # ------------------------------------------------------------------ reading ahead
+    def prepare(self, image, cache=None, key: str | None = None) -> "PreparedImage":
+        """Read what labelling ``image`` needs, ahead of the networks (safe in a reader thread).
+
+        Without ``cache``: the decoded image. With ``cache`` (a
+        :class:`~refseg.candidate_cache.CandidateCache`): the image's stored candidates when
+        there is an entry (no image decode), else the decoded image; ``key`` replaces the
+        default key (path + size + mtime, or pixels). Raises :class:`~refseg.images.ImageLoadError`.
+        """
+        if cache is None:
+            if key is not None:
+                raise ValueError("keys are only used with a cache")
+            return PreparedImage(rgb=load_image(image))
+        cache.bind_segmenter(self)
+        key = cache.key_of(image) if key is None else str(key)
+        hit = cache.get(key, self.proposer.device)
+        return PreparedImage(key=key, candidates=hit, rgb=None if hit is not None else load_image(image))
+
+    def label_prepared(self, items: Sequence["PreparedImage"], cache=None) -> list[Detections]:
+        """Label prepared images: the networks run on the ones without candidates, as one batch
+        (stored in ``cache`` when given), then every image is labelled (:meth:`label`)."""
+        cands = [item.candidates for item in items]
+        misses = [i for i, c in enumerate(cands) if c is None]
+        for i, cand in zip(misses, self.propose([items[i].rgb for i in misses])):
+            if cache is not None and items[i].key is not None:
+                cache.put(items[i].key, cand)
+            cands[i] = cand
+        return [self.label(c) for c in cands]
+
     # ------------------------------------------------------------------ convenience
     def predict(self, image, cache=None, key: str | None = None) -> Detections:
         """Label one image (path, PIL image or array); ``cache``/``key`` as in :meth:`predict_batch`."""
@@ -158,12 +196,10 @@ class Segmenter:
         found in it is read from disk (no network, no image decode) and stage 1 of the others
         is computed and stored; ``keys`` replace the default keys (path + size + mtime, or pixels).
         """
-        if cache is not None:
-            return [self.label(c) for c in cache.candidates(self, images, keys)]
-        if keys is not None:
-            raise ValueError("keys are only used with a cache")
-        rgbs = [load_image(im) for im in images]
-        return [self.label(c) for c in self.propose(rgbs)]
+        if keys is not None and len(keys) != len(images):
+            raise ValueError(f"{len(images)} images but {len(keys)} keys")
+        keys = list(keys) if keys is not None else [None] * len(images)
+        return self.label_prepared([self.prepare(im, cache, k) for im, k in zip(images, keys)], cache)
 
     def predict_many(self, images: Iterable, batch_size: int = 1, cache=None) -> Iterator[Detections]:
         """Label an iterable of images lazily, ``batch_size`` at a time, in order (``cache``: see predict_batch)."""

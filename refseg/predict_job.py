@@ -21,15 +21,15 @@ import json
 import os
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from .images import ImageLoadError, load_image
+from .images import ImageLoadError
 from .pipeline import Segmenter
+from .prefetch import read_ahead
 
 _PARTIAL_KEY = "refseg_partial"
 _PARTIAL_VERSION = 1
@@ -155,8 +155,8 @@ def _diff_keys(a: dict, b: dict) -> list[str]:
 def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.PathLike]],
                    out_path: str | os.PathLike, category_ids: dict[str, int] | list[int] | None = None,
                    image_root: str | os.PathLike | None = None, batch_size: int = 1, keep_partial: bool = True,
-                   restart: bool = False, progress: bool | None = None, run_info: dict | None = None
-                   ) -> PredictionRun:
+                   restart: bool = False, progress: bool | None = None, run_info: dict | None = None,
+                   cache=None) -> PredictionRun:
     """Label every target image and write the COCO results list to ``out_path``; resumable.
 
     ``targets`` are ``(image_id, path)``; paths are relative to ``image_root`` when
@@ -213,21 +213,21 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
                                                            desc="predict", disable=(None if progress is None
                                                                                     else not progress)) as bar:
         def read_batch(batch):
-            """Decode a batch's images; unreadable ones become error records."""
-            errors, ids, images = [], [], []
+            """Read a batch ahead: cache entries or decoded images; unreadable images become error records."""
+            errors, ids, items = [], [], []
             for image_id, p in batch:
                 try:
-                    images.append(load_image(root / p if root is not None else Path(p)))
+                    items.append(segmenter.prepare(root / p if root is not None else Path(p), cache))
                     ids.append(image_id)
                 except ImageLoadError as exc:
                     errors.append({"image_id": image_id, "file_name": str(p), "error": str(exc)})
-            return errors, ids, images
+            return errors, ids, items
 
-        def label_and_record(new, ok_ids, ok_images, batch):
+        def label_and_record(new, ok_ids, items, batch):
             """Label the readable images of a batch and append the batch's records, fsync'd."""
-            if ok_images:
+            if items:
                 try:
-                    dets = segmenter.predict_batch(ok_images)
+                    dets = segmenter.label_prepared(items, cache)
                 except Exception:
                     print("refseg: error while labelling " + ", ".join(names[i] for i in ok_ids), file=sys.stderr)
                     raise
@@ -245,14 +245,11 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
             bar.update(len(batch))
 
         batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
-        # the next batch is decoded in a thread while the networks work on this one
-        with ThreadPoolExecutor(max_workers=1) as reader:
-            upcoming = reader.submit(read_batch, batches[0]) if batches else None
-            for k, batch in enumerate(batches):
-                new, ok_ids, ok_images = upcoming.result()
-                if k + 1 < len(batches):
-                    upcoming = reader.submit(read_batch, batches[k + 1])
-                label_and_record(new, ok_ids, ok_images, batch)
+        if cache is not None:
+            cache.bind_segmenter(segmenter)  # here, not first in the reader thread
+        # the next batch is read in a thread while the networks work on this one
+        for batch, (new, ok_ids, items) in read_ahead(batches, read_batch):
+            label_and_record(new, ok_ids, items, batch)
 
     results: list[dict] = []
     for image_id, p in targets:

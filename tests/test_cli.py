@@ -238,3 +238,39 @@ def test_predict_on_two_devices_matches_one(data, bank, tmp_path):
     assert [(r["image_id"], r["category_id"], r["segmentation"]["counts"]) for r in a] == \
            [(r["image_id"], r["category_id"], r["segmentation"]["counts"]) for r in b]
     assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=1e-6)
+
+
+def test_predict_with_candidate_cache_relabels_without_networks(data, bank, tmp_path, monkeypatch, capsys):
+    """A second bank (here: two of the three classes) relabels from the cache: no image proposed again, and the
+    results equal a run without cache."""
+    counter = tmp_path / "count.txt"
+    monkeypatch.setenv(COUNT_ENV, str(counter))
+    counting = ["--proposer", "test_cli:CountingProposer"]
+    cache = tmp_path / "candidates"
+    first = tmp_path / "first.json"
+    assert run_predict(bank, data, first, "--candidate-cache", str(cache), proposer=counting) == 0
+    assert proposed(counter) == 6
+    assert "6 written" in capsys.readouterr().out
+    assert json.loads(first.read_text()) == _uncached(bank, data, tmp_path / "plain.json")
+
+    fewer = tmp_path / "fewer.safetensors"
+    loaded = MemoryBank.load(bank)
+    loaded.remove_class("blue")
+    loaded.save(fewer)
+    second = tmp_path / "second.json"
+    assert run_predict(fewer, data, second, "--candidate-cache", str(cache), "--batch-size", "4",
+                       proposer=counting) == 0
+    assert proposed(counter) == 6  # every image came from the cache
+    assert "6 image(s) read from it, 0 written" in capsys.readouterr().out
+    want = _uncached(fewer, data, tmp_path / "plain_fewer.json")
+    assert json.loads(second.read_text()) == want and want != json.loads(first.read_text())
+
+    # other proposal settings get their own sub-folder instead of wrong entries
+    assert run_predict(bank, data, tmp_path / "third.json", "--candidate-cache", str(cache), "--limit", "1",
+                       "--set", "proposal.points_per_side=8", proposer=counting) == 0
+    assert proposed(counter) == 7 and len([p for p in cache.iterdir() if p.is_dir()]) == 2
+
+
+def _uncached(bank, data, out) -> list:
+    assert run_predict(bank, data, out) == 0
+    return json.loads(out.read_text())
