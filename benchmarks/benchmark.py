@@ -35,6 +35,8 @@ from refseg.devices import select_device
 from refseg.plugins import build_encoder, build_proposer
 from refseg.testing import draw_scene
 
+# "merging": soft merging, including the masks it upsamples to measure overlaps; "upsampling": the kept top-k
+# masks at full resolution
 STAGES = ("image decode", "SAM2 encoder", "prompt decoding", "DINOv2", "pooling", "matching+NMS", "upsampling",
           "merging", "writing")
 
@@ -72,7 +74,8 @@ class StageTimer:
 def instrument(seg: Segmenter, timer: StageTimer) -> None:
     """Time the stages without touching the library: wrap the functions the pipeline calls."""
     for attr, name in (("match_to_prototypes", "matching+NMS"), ("class_aware_nms", "matching+NMS"),
-                       ("soft_merge", "merging"), ("pool_features", "pooling"),
+                       ("upsampled_intersections", "merging"), ("soft_merge_scores", "merging"),
+                       ("pool_features", "pooling"),
                        ("upsample_masks", "upsampling")):
         setattr(pipeline_module, attr, timer.wrap(getattr(pipeline_module, attr), name))
     seg.encoder.encode = timer.wrap(seg.encoder.encode, "DINOv2")

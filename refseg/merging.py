@@ -6,6 +6,10 @@ from __future__ import annotations
 import torch
 from torchvision.ops import batched_nms, masks_to_boxes
 
+from .upsampling import output_windows, upsample_masks
+
+BAND_BYTES = 256 << 20  # upsampled_intersections: masks held at once
+
 
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     """[N, h, w] bool (non-empty) -> [N, 4] xyxy boxes from inclusive pixel indices."""
@@ -39,7 +43,8 @@ def intersections_by_class(masks: torch.Tensor, labels: torch.Tensor, windows: t
     inter = torch.zeros(n, n, dtype=torch.float64, device=masks.device)
     for cls in labels.unique():
         idx = (labels == cls).nonzero().squeeze(1)
-        if idx.numel() < 2:
+        if idx.numel() == 1:  # only its area
+            inter[idx, idx] = masks[idx].sum().to(torch.float64)
             continue
         if windows is None or masks.device.type != "cpu":
             acc = _gram_counts(masks[idx].reshape(idx.numel(), -1), chunk_pixels)
@@ -77,20 +82,54 @@ def _windowed_counts(masks: torch.Tensor, windows: torch.Tensor) -> torch.Tensor
     return torch.maximum(acc, acc.T)
 
 
+def upsampled_intersections(logits: torch.Tensor, labels: torch.Tensor, size: tuple[int, int], threshold: float,
+                            band_bytes: int = BAND_BYTES) -> torch.Tensor:
+    """:func:`intersections_by_class` of ``upsample_masks(logits, size, threshold)``, without holding them all.
+
+    The masks are made one band of rows at a time, at most ``band_bytes`` of them (counts
+    add up over bands), so memory stays bounded for any image size: 800 masks of a 12 MP
+    photo would take 9.6 GB at once. Only the masks that reach a band are made in it.
+    """
+    n = logits.shape[0]
+    height, width = int(size[0]), int(size[1])
+    inter = torch.zeros(n, n, dtype=torch.float64, device=logits.device)
+    windows = output_windows(logits, (height, width), threshold)
+    rows = max(1, band_bytes // max(1, n * width))
+    for r0 in range(0, height, rows):
+        r1 = min(height, r0 + rows)
+        inside = ((windows[:, 0] < r1) & (windows[:, 1] > r0) & (windows[:, 2] < windows[:, 3])).nonzero().squeeze(1)
+        if inside.numel() == 0:
+            continue
+        masks = upsample_masks(logits[inside], (height, width), threshold, windows=windows[inside],
+                               region=(r0, r1, 0, width))
+        local = windows[inside].clone()
+        local[:, :2] = local[:, :2].clamp(r0, r1) - r0
+        inter[inside[:, None], inside[None, :]] += intersections_by_class(masks, labels[inside], local)
+    return inter
+
+
 def soft_merge(masks: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, ranking: torch.Tensor,
                features: torch.Tensor, windows: torch.Tensor | None = None) -> torch.Tensor:
-    """Semantic-aware soft merging; returns the decayed scores.
+    """Semantic-aware soft merging of ``masks`` [N, H, W] bool; returns the decayed scores.
+
+    ``windows``: see :func:`intersections_by_class` (a speed-up only; the result is the same).
+    """
+    return soft_merge_scores(intersections_by_class(masks, labels, windows), scores, labels, ranking, features)
+
+
+def soft_merge_scores(inter: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, ranking: torch.Tensor,
+                      features: torch.Tensor) -> torch.Tensor:
+    """Semantic-aware soft merging from the masks' same-class intersection counts ``inter`` [N, N]
+    (areas on the diagonal); returns the decayed scores.
 
     Within each class, masks are ranked by ``ranking`` (the proposer's predicted IoU).
     For mask i, ``d_i = max over higher-ranked j of IoS(i, j) * max(0, f_i . f_j)``
     with ``IoS(i, j) = |M_i ∩ M_j| / |M_i|``, and ``score_i * sqrt(1 - d_i)``.
-    Every decay uses the original scores (not sequential like Soft-NMS). ``windows``: see
-    :func:`intersections_by_class` (a speed-up only; the result is the same).
+    Every decay uses the original scores (not sequential like Soft-NMS).
     """
-    n = masks.shape[0]
+    n = scores.shape[0]
     if n < 2:
         return scores.clone()
-    inter = intersections_by_class(masks, labels, windows)
     area = inter.diagonal().clamp(min=1)
     ios = (inter / area.unsqueeze(1)).to(torch.float32)  # row i: fraction of M_i covered by M_j
     semantic = (features @ features.T).clamp(min=0)

@@ -23,11 +23,11 @@ from .images import load_image
 from .interfaces import FeatureEncoder, ProposalGenerator
 from .matching import match_to_prototypes, pool_features
 from .memory_bank import MemoryBank
-from .merging import class_aware_nms, mask_boxes, soft_merge, top_k
+from .merging import class_aware_nms, mask_boxes, soft_merge_scores, top_k, upsampled_intersections
 from .precision import autocast
 from .preprocess import resize_for_encoder, squash_to_square
 from .results import Detections, masks_to_boxes
-from .upsampling import output_windows, upsample_masks
+from .upsampling import upsample_masks
 
 ImageInput = "str | os.PathLike | np.ndarray | PIL.Image.Image"
 
@@ -132,19 +132,13 @@ class Segmenter:
             logits, scores, labels = cand.logits[keep], scores[keep], labels[keep]
             pred_iou, features = cand.pred_iou[keep], features[keep]
             threshold = cfg.match.mask_threshold
-            r = cfg.merge.merge_resolution
-            full = None
             if cfg.merge.soft_merge:
-                # paper: overlaps at full image resolution; merge_resolution r: on an r x r grid, and then
-                # only the survivors need full resolution
-                size = (r, r) if r else (h, w)
-                windows = output_windows(logits, size, threshold)
-                merge_masks = upsample_masks(logits, size, threshold, windows=windows)
-                if not r:
-                    full = merge_masks
-                scores = soft_merge(merge_masks, scores, labels, pred_iou, features, windows)
+                # paper: overlaps at full image resolution; merge_resolution r: on an r x r grid
+                r = cfg.merge.merge_resolution
+                inter = upsampled_intersections(logits, labels, (r, r) if r else (h, w), threshold)
+                scores = soft_merge_scores(inter, scores, labels, pred_iou, features)
             best = top_k(scores, cfg.merge.top_k, cfg.merge.score_threshold)
-            full = full[best] if full is not None else upsample_masks(logits[best], (h, w), threshold)
+            full = upsample_masks(logits[best], (h, w), threshold)  # only the kept masks at full resolution
             masks = full.cpu().numpy()
             return Detections(
                 masks=masks,

@@ -100,13 +100,15 @@ def _select(axis: AxisSampling, start: int, stop: int) -> AxisSampling:
 
 
 def upsample_masks(logits: torch.Tensor, size: tuple[int, int], threshold: float = 0.0,
-                   schedule: str = "auto", chunk: int = 32, windows: torch.Tensor | None = None) -> torch.Tensor:
+                   schedule: str = "auto", chunk: int = 32, windows: torch.Tensor | None = None,
+                   region: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """``bilinear_resize(logits [K, h, w], size) > threshold`` -> [K, H, W] bool on ``logits.device``.
 
     ``schedule``: ``"dense"``, ``"cropped"`` or ``"auto"`` (cropped on CPU, dense elsewhere);
     both give the same masks. ``chunk`` bounds the dense schedule's float memory to
     ``chunk * H * W`` values. ``windows``: :func:`output_windows` of the same arguments, if
-    already computed.
+    already computed. ``region`` (y0, y1, x0, x1), half-open: only that part of the output,
+    [K, y1 - y0, x1 - x0], the same values as the whole output cropped.
     """
     if schedule == "auto":
         schedule = "cropped" if logits.device.type == "cpu" else "dense"
@@ -114,20 +116,26 @@ def upsample_masks(logits: torch.Tensor, size: tuple[int, int], threshold: float
         raise ValueError(f"schedule must be 'auto', 'dense' or 'cropped', not {schedule!r}")
     k, h, w = logits.shape
     height, width = int(size[0]), int(size[1])
-    out = torch.zeros(k, height, width, dtype=torch.bool, device=logits.device)
-    if k == 0:
+    ry0, ry1, rx0, rx1 = region if region is not None else (0, height, 0, width)
+    if not (0 <= ry0 <= ry1 <= height and 0 <= rx0 <= rx1 <= width):
+        raise ValueError(f"region {region} is not inside the output size {size}")
+    out = torch.zeros(k, ry1 - ry0, rx1 - rx0, dtype=torch.bool, device=logits.device)
+    if k == 0 or out.numel() == 0:
         return out
     ys, xs = axis_sampling(h, height, logits.device), axis_sampling(w, width, logits.device)
     if schedule == "dense":
+        ys, xs = _select(ys, ry0, ry1), _select(xs, rx0, rx1)
         for start in range(0, k, chunk):
             out[start:start + chunk] = _resample(logits[start:start + chunk], ys, xs) > threshold
         return out
     if windows is None:
         windows = output_windows(logits, (height, width), threshold)
-    for i, (y0, y1, x0, x1) in enumerate(windows.tolist()):
+    lo = torch.tensor([ry0, ry0, rx0, rx0], device=windows.device)
+    hi = torch.tensor([ry1, ry1, rx1, rx1], device=windows.device)
+    for i, (y0, y1, x0, x1) in enumerate(torch.minimum(torch.maximum(windows, lo), hi).tolist()):
         if y1 <= y0 or x1 <= x0:
             continue
         wy, wx = _select(ys, y0, y1), _select(xs, x0, x1)
         row0, row1 = int(wy.i0[0]), int(wy.i1[-1]) + 1
-        out[i, y0:y1, x0:x1] = _resample(logits[i, row0:row1], wy, wx, row0) > threshold
+        out[i, y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0] = _resample(logits[i, row0:row1], wy, wx, row0) > threshold
     return out

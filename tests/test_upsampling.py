@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refseg.merging import intersections_by_class, soft_merge
+from refseg.merging import intersections_by_class, soft_merge, upsampled_intersections
 from refseg.upsampling import _resample, axis_sampling, output_windows, support_boxes, upsample_masks
 
 SIZES = [((256, 256), (480, 640)), ((256, 256), (1000, 750)), ((64, 48), (100, 77)), ((10, 10), (7, 5)),
@@ -93,3 +93,29 @@ def test_windowed_intersections_equal_full_image_counts():
     feats = F.normalize(torch.randn(40, 16), dim=1)
     assert torch.equal(soft_merge(masks, scores, labels, ranking, feats),
                        soft_merge(masks, scores, labels, ranking, feats, output_windows(logits, size, 0.0)))
+
+
+@pytest.mark.parametrize("schedule", ["dense", "cropped"])
+def test_region_is_the_whole_output_cropped(schedule):
+    logits = blobs(10, 40, 50, seed=4)
+    whole = upsample_masks(logits, (97, 131), 0.0, schedule="dense")
+    for region in [(0, 97, 0, 131), (10, 30, 0, 131), (50, 97, 20, 21), (5, 5, 0, 131)]:
+        y0, y1, x0, x1 = region
+        part = upsample_masks(logits, (97, 131), 0.0, schedule=schedule, region=region)
+        assert torch.equal(part, whole[:, y0:y1, x0:x1])
+    with pytest.raises(ValueError, match="region"):
+        upsample_masks(logits, (97, 131), region=(0, 98, 0, 10))
+
+
+@pytest.mark.parametrize("band_bytes", [1, 40 * 170 * 7, 1 << 30])
+def test_banded_intersections_equal_all_masks_at_once(band_bytes):
+    """Row bands of any height (1 row, a few, all) give the counts of the whole masks, areas included."""
+    logits = blobs(40, 64, 64, seed=5)
+    labels = torch.randint(0, 4, (40,), generator=torch.Generator().manual_seed(1))
+    labels[7] = 9  # a class of one: its area is still on the diagonal
+    size = (150, 170)
+    masks = upsample_masks(logits, size, 0.0)
+    got = upsampled_intersections(logits, labels, size, 0.0, band_bytes=band_bytes)
+    want = intersections_by_class(masks, labels)
+    assert torch.equal(got, want)
+    assert torch.equal(got.diagonal(), masks.reshape(40, -1).sum(1).double())
