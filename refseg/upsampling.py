@@ -4,7 +4,7 @@ SAM2 gives each proposal as logits on a 256 x 256 grid (METHOD.md section 2); th
 needs them as binary masks at the image size (soft merging in paper mode, the output
 masks) or at ``merge.merge_resolution``. :func:`upsample_masks` computes
 ``bilinear_resize(logits) > threshold`` with PyTorch's ``align_corners=False`` sampling,
-one formula with two schedules that give the same bits:
+one formula with two schedules:
 
 - ``dense``: the whole output of every mask, in chunks (GPU: few large kernels).
 - ``cropped``: only the output window a mask can reach (CPU: most masks cover a small
@@ -15,11 +15,13 @@ The window is exact, not a heuristic: a bilinear sample is a convex combination 
 (for threshold 0 this holds bit for bit: nonnegative weights times nonpositive values
 sum to a nonpositive value). Cells above the threshold lie in the mask's low-resolution
 support box; :func:`output_window` maps that box to the output rows and columns whose
-source cells touch it. Everything outside is False in both schedules.
+source cells touch it. Inside, both schedules evaluate the same expression in the same
+order, so for threshold 0 (the method's) they give the same bits; for another threshold
+they could differ only where four source cells all equal the threshold to within rounding.
 
 Values agree with ``F.interpolate(..., mode="bilinear", align_corners=False)`` to float
-rounding (a test checks 1e-5 absolute + 1e-6 relative), so a pixel's side of the threshold can differ from it only
-where the interpolated logit is within rounding of the threshold.
+rounding (a test checks 1e-5 absolute + 1e-6 relative), so a pixel's side of the
+threshold can differ from it only where the interpolated logit is within rounding of it.
 """
 
 from __future__ import annotations

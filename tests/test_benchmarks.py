@@ -37,3 +37,12 @@ def test_rematch_benchmark_small_on_cpu(tmp_path):
     summary = json.loads(path.read_text())["summary"]
     assert summary["all_equal"] and summary["sam_like"]["agreement"]["identical_masks"]
     assert summary["cached_s"] > 0 and summary["uncached_s"] > 0 and summary["entry_bytes"] > 0
+
+
+def test_stage2_benchmark_small_on_cpu(tmp_path):
+    path = tmp_path / "stage2.json"
+    stdout = _run("stage2.py", "--proposals", "40", "--logit-size", "64", "--height", "90", "--width", "120",
+                  "--dim", "32", "--repeats", "1", "--json", str(path))
+    result = json.loads(path.read_text())
+    assert "s/image" in stdout and result["best_s"] > 0 and result["peak_host_mb"] > 0
+    assert 0 < result["detections"] <= 40 and result["machine"]["cpu_count"]
