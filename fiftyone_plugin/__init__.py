@@ -391,7 +391,7 @@ class AutoLabel(_RefsegOperator):
                                "cuda:0,cuda:1 (empty: the single device above; batch size is then per device)")
         inputs.bool("cache_candidates", default=_cache_default(ctx), label="Cache proposals",
                     description="Keep each image's proposals and features on disk, so that labelling again after "
-                                "a review (or with other merge settings) runs no network (single device only)")
+                                "a review (or with other merge settings) runs no network")
         n = len(self._targets(ctx))
         inputs.view("target_count", types.Notice(label=f"{n} sample(s) to consider"))
         inputs.int("num_shards", default=1, min=1, label="Shards",

@@ -714,7 +714,7 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
     ``devices``: several local devices at once (``"all"``, ``"cuda:0,cuda:1"``), one worker
     process each (:class:`refseg.device_pool.DevicePool`); ``batch_size`` is then per device.
     None or "" (or a single device) labels in this process on ``device`` / that device. The
-    candidate cache is used only with a single device.
+    workers share the candidate cache.
     """
     if existing not in EXISTING_MODES:
         raise ValueError(f"existing must be one of {', '.join(EXISTING_MODES)}, not {existing!r}")
@@ -722,9 +722,6 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
     device_list = parse_devices(devices)
     if device_list is not None and len(device_list) == 1:
         device, device_list = device_list[0], None
-    if device_list is not None and cache_candidates:
-        raise ValueError(f"the candidate cache works with a single device only, not with devices={devices!r}: "
-                         "turn off cache_candidates or label on one device")
     dataset = _dataset_of(samples)
     bank, record = load_bank(dataset, bank_name)
     models = ModelSettings.from_dict(record["models"])
@@ -766,7 +763,9 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
         if total:  # one worker process per device, each with its own proposer, encoder and bank
             from refseg.device_pool import DevicePool
 
-            segmenter = DevicePool(segmenter_spec(dataset, bank_name, record, models, config), device_list)
+            segmenter = DevicePool(segmenter_spec(dataset, bank_name, record, models, config), device_list,
+                                   candidate_dir=_candidate_root(dataset) if cache_candidates else None)
+            cache = segmenter.cache
     else:
         device = resolve_device(device, dataset)
         used_devices = [str(device)]
@@ -816,8 +815,8 @@ def _label_loop(dataset: fo.Dataset, ids: list[str], step: int, segmenter, cache
                 failed.append({"sample_id": sample.id, "filepath": sample.filepath, "error": str(exc)})
         return ready, items
 
-    if cache is not None:
-        cache.bind_segmenter(segmenter)  # here, not first in the reader thread
+    if cache is not None and isinstance(segmenter, Segmenter):  # here, not first in the reader thread
+        cache.bind_segmenter(segmenter)
     chunks = [ids[start:start + step] for start in range(0, total, step)]
     done = 0
     # the next chunk is read in a thread while the networks work on this one
@@ -834,10 +833,15 @@ def _label_loop(dataset: fo.Dataset, ids: list[str], step: int, segmenter, cache
             "failed": _capped(failed), "started_at": started, "finished_at": _now()}
 
 
+def _candidate_root(dataset: fo.Dataset) -> Path:
+    """The dataset's candidate caches: a sub-folder per models and stage-1 settings."""
+    return candidate_dir(dataset) / _slug(dataset.name)
+
+
 def _candidate_cache(dataset: fo.Dataset, segmenter: Segmenter) -> CandidateCache:
-    """The dataset's candidate cache for these models and stage-1 settings (one folder per settings)."""
+    """The dataset's candidate cache for these models and stage-1 settings."""
     settings = stage1_settings(segmenter)
-    return CandidateCache(candidate_dir(dataset) / _slug(dataset.name) / settings_hash(settings), settings)
+    return CandidateCache(_candidate_root(dataset) / settings_hash(settings), settings)
 
 
 def _record_run(dataset: fo.Dataset, label_field: str, report: dict) -> None:

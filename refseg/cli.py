@@ -289,7 +289,7 @@ def cmd_predict(args) -> int:
                              cache_dir=args.cache_dir, offline=args.offline or None, random_init=args.random_weights,
                              seed=0 if args.random_weights else None)
         _say(f"starting {len(devices)} workers: {', '.join(devices)}")
-        segmenter = DevicePool(spec, devices)
+        segmenter = DevicePool(spec, devices, candidate_dir=args.candidate_cache)
         batch_size *= len(devices)
     else:
         if devices:
@@ -300,14 +300,14 @@ def cmd_predict(args) -> int:
         segmenter = Segmenter(proposer, encoder, bank, cfg)
 
     cache = None
-    if args.candidate_cache:
-        if isinstance(segmenter, DevicePool):
-            segmenter.close()
-            raise UsageError("--candidate-cache works with a single device only: drop it or --devices")
+    if args.candidate_cache and isinstance(segmenter, DevicePool):
+        cache = segmenter.cache
+    elif args.candidate_cache:
         from .candidate_cache import CandidateCache, settings_hash, stage1_settings
 
         settings = stage1_settings(segmenter)
         cache = CandidateCache(Path(args.candidate_cache) / settings_hash(settings), settings)
+    if cache is not None:
         _say(f"candidate cache: {cache.root} ({len(cache)} image(s) in it)")
 
     out = Path(args.out)
@@ -536,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate-cache", metavar="DIR", default=None,
                    help="keep each image's proposals and features under DIR (a sub-folder per model and proposal "
                         "settings): a rerun with another bank or other match/merge settings then runs no network "
-                        "on the images already there (single device only)")
+                        "on the images already there")
     p.add_argument("--limit", type=int, help="only the first N target images")
     p.add_argument("--restart", action="store_true", help="discard earlier progress of this output")
     p.add_argument("--remove-partial", action="store_true",

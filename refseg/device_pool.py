@@ -5,6 +5,10 @@ runner (:func:`refseg.predict_job.run_prediction`) drives several GPUs exactly a
 drives one: each batch is split into contiguous parts, one per device, labelled in
 parallel and put back in order, so no image is lost, duplicated or reordered.
 
+With ``candidate_dir`` the workers share one :class:`~refseg.candidate_cache.CandidateCache`
+(``pool.cache``, a sub-folder per stage-1 settings, as ``refseg predict --candidate-cache``):
+an image with an entry is neither decoded nor sent; the worker that labels it reads the entry.
+
 For many machines use FiftyOne's delegated-operation queue instead (see the README).
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 
 import os
 import queue
+from pathlib import Path
 import traceback
 from dataclasses import dataclass, field
 
@@ -20,9 +25,8 @@ import torch
 import torch.multiprocessing as mp
 
 from .config import PipelineConfig
-from .images import load_image
 from .memory_bank import MemoryBank
-from .pipeline import PreparedImage
+from .pipeline import PreparedImage, cache_key
 from .results import Detections
 
 
@@ -91,16 +95,18 @@ def _unpack(d: dict) -> Detections:
     return Detections(masks=masks, **d)
 
 
-def _worker(spec: SegmenterSpec, device: str, threads: int, jobs, results) -> None:
+def _worker(spec: SegmenterSpec, device: str, threads: int, candidate_dir: str | None, jobs, results) -> None:
     try:
         if threads:
             torch.set_num_threads(threads)
         seg = spec.build(device)
+        cache = _open_cache(seg, candidate_dir) if candidate_dir is not None else None
         proposer_settings = getattr(seg.proposer, "settings", None)
         results.put(("ready", device, {
             "proposer": getattr(seg.proposer, "name", type(seg.proposer).__name__),
             "proposer_settings": proposer_settings() if callable(proposer_settings) else None,
-            "encoder": seg.encoder.settings()}))
+            "encoder": seg.encoder.settings(),
+            "cache": None if cache is None else {"root": str(cache.root), "settings": cache.settings}}))
     except BaseException:
         results.put(("error", device, traceback.format_exc()))
         return
@@ -108,11 +114,32 @@ def _worker(spec: SegmenterSpec, device: str, threads: int, jobs, results) -> No
         job = jobs.get()
         if job is None:
             return
-        job_id, images = job
+        job_id, items, use_cache = job
         try:
-            results.put(("done", job_id, [_pack(d) for d in seg.predict_batch(images)]))
+            used = cache if use_cache else None
+            before = dict(cache.stats) if cache is not None else {}
+            if used is not None:
+                items = [_read_entry(seg, used, item) for item in items]
+            dets = seg.label_prepared(items, used)
+            stats = {k: v - before[k] for k, v in cache.stats.items()} if cache is not None else {}
+            results.put(("done", job_id, ([_pack(d) for d in dets], stats)))
         except BaseException:
             results.put(("error", job_id, traceback.format_exc()))
+
+
+def _open_cache(seg, candidate_dir: str):
+    """The candidate cache of ``seg``'s stage-1 settings under ``candidate_dir`` (one sub-folder per settings)."""
+    from .candidate_cache import CandidateCache, settings_hash, stage1_settings
+
+    settings = stage1_settings(seg)
+    return CandidateCache(Path(candidate_dir) / settings_hash(settings), settings)
+
+
+def _read_entry(seg, cache, item: PreparedImage) -> PreparedImage:
+    """In a worker: the cache entry the main process found for ``item`` (or, if it is unreadable now, the image)."""
+    if item.candidates is not None or item.rgb is not None:
+        return item
+    return PreparedImage.read(item.source, item.key, cache.get(item.key, seg.proposer.device))
 
 
 class WorkerError(RuntimeError):
@@ -135,7 +162,8 @@ class DevicePool:
     ...     run_prediction(pool, targets, "results.json")
     """
 
-    def __init__(self, spec: SegmenterSpec, devices: list[str], start_timeout: float = 600.0):
+    def __init__(self, spec: SegmenterSpec, devices: list[str], start_timeout: float = 600.0,
+                 candidate_dir: str | os.PathLike | None = None):
         if not devices:
             raise ValueError("DevicePool needs at least one device")
         self.spec = spec
@@ -152,6 +180,7 @@ class DevicePool:
         for device in self.devices:
             jobs = ctx.Queue()
             proc = ctx.Process(target=_worker, args=(spec, device, threads if device.startswith("cpu") else 0,
+                                                     None if candidate_dir is None else str(candidate_dir),
                                                      jobs, self._results), daemon=True)
             proc.start()
             self._jobs.append(jobs)
@@ -170,6 +199,16 @@ class DevicePool:
         self.encoder = _ComponentInfo("encoder", infos[0]["encoder"])
         self.bank.check_encoder(infos[0]["encoder"])
         self._next_job = 0
+        self.cache = None  # the candidate cache the workers share, with candidate_dir
+        if candidate_dir is not None:
+            from .candidate_cache import CandidateCache
+
+            roots = {info["cache"]["root"] for info in infos}
+            if len(roots) != 1:
+                self.close()
+                raise WorkerError(f"the device workers disagree on their stage-1 settings ({sorted(roots)}): "
+                                  "they would fill different candidate caches")
+            self.cache = CandidateCache(infos[0]["cache"]["root"], infos[0]["cache"]["settings"])
 
     def _get(self, timeout: float):
         try:
@@ -181,7 +220,31 @@ class DevicePool:
 
     def predict_batch(self, images: list, timeout: float = 3600.0) -> list[Detections]:
         """Split ``images`` into one contiguous part per device; results in input order."""
-        parts = np.array_split(np.arange(len(images)), len(self.devices))
+        return self.label_prepared([self.prepare(image) for image in images], timeout=timeout)
+
+    def predict(self, image) -> Detections:
+        return self.predict_batch([image])[0]
+
+    # the reading-ahead interface of Segmenter
+    def prepare(self, image, cache=None, key: str | None = None) -> PreparedImage:
+        """What a worker needs to label ``image`` (:meth:`refseg.pipeline.Segmenter.prepare`).
+
+        ``cache`` can only be this pool's :attr:`cache` (``candidate_dir``): an image file with
+        an entry is not decoded here; its worker reads the entry. Otherwise: the decoded image.
+        """
+        key = cache_key(image, cache, key)
+        if cache is None:
+            return PreparedImage.read(image)
+        self._check_cache(cache)
+        if key in cache and isinstance(image, (str, os.PathLike)):  # the worker reads the entry (or the image)
+            return PreparedImage(key=key, source=image)
+        return PreparedImage.read(image, key)
+
+    def label_prepared(self, items: list[PreparedImage], cache=None, timeout: float = 3600.0) -> list[Detections]:
+        """Split ``items`` into one contiguous part per device; results in input order."""
+        if cache is not None:
+            self._check_cache(cache)
+        parts = np.array_split(np.arange(len(items)), len(self.devices))
         pending = {}
         for worker, idx in enumerate(parts):
             if len(idx) == 0:
@@ -189,30 +252,24 @@ class DevicePool:
             job_id = self._next_job
             self._next_job += 1
             pending[job_id] = idx
-            self._jobs[worker].put((job_id, [images[i] for i in idx]))
-        out: list[Detections | None] = [None] * len(images)
+            self._jobs[worker].put((job_id, [items[i] for i in idx], cache is not None))
+        out: list[Detections | None] = [None] * len(items)
         while pending:
             kind, job_id, payload = self._get(timeout)
             if kind == "error":
                 raise WorkerError(f"a device worker failed:\n{payload}")
-            for i, packed in zip(pending.pop(job_id), payload):
-                out[i] = _unpack(packed)
+            packed, stats = payload
+            for i, d in zip(pending.pop(job_id), packed):
+                out[i] = _unpack(d)
+            if self.cache is not None:
+                for k, v in stats.items():
+                    self.cache.stats[k] = self.cache.stats.get(k, 0) + v
         return out  # type: ignore[return-value]
 
-    def predict(self, image) -> Detections:
-        return self.predict_batch([image])[0]
-
-    # the reading-ahead interface of Segmenter (no candidate cache: the workers hold the networks)
-    def prepare(self, image, cache=None, key: str | None = None) -> PreparedImage:
-        """The decoded image (:meth:`refseg.pipeline.Segmenter.prepare` without a cache)."""
-        if cache is not None or key is not None:
-            raise ValueError("the candidate cache works with a single device only, not with a DevicePool")
-        return PreparedImage(rgb=load_image(image))
-
-    def label_prepared(self, items: list[PreparedImage], cache=None) -> list[Detections]:
-        if cache is not None:
-            raise ValueError("the candidate cache works with a single device only, not with a DevicePool")
-        return self.predict_batch([item.rgb for item in items])
+    def _check_cache(self, cache) -> None:
+        if self.cache is None or cache is not self.cache:
+            raise ValueError("the candidate cache of a DevicePool is its own: create the pool with "
+                             "candidate_dir=... and pass pool.cache")
 
     def close(self) -> None:
         """Stop the workers."""

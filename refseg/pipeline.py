@@ -61,6 +61,22 @@ class PreparedImage:
     key: str | None = None  # candidate-cache key
     candidates: Candidates | None = None  # a cache hit
     rgb: np.ndarray | None = None  # [H, W, 3] uint8, when there is no hit
+    source: str | os.PathLike | None = None  # the image file, when it came from one
+
+    @classmethod
+    def read(cls, image, key: str | None = None, candidates: Candidates | None = None) -> "PreparedImage":
+        """``image`` (path, PIL image or array) decoded unless its ``candidates`` are given."""
+        return cls(key=key, candidates=candidates, rgb=None if candidates is not None else load_image(image),
+                   source=image if isinstance(image, (str, os.PathLike)) else None)
+
+
+def cache_key(image, cache, key: str | None = None) -> str | None:
+    """The candidate-cache key of ``image``: ``key`` when given, else the cache's default; None without a cache."""
+    if cache is None:
+        if key is not None:
+            raise ValueError("keys are only used with a cache")
+        return None
+    return cache.key_of(image) if key is None else str(key)
 
 
 class Segmenter:
@@ -158,14 +174,11 @@ class Segmenter:
         there is an entry (no image decode), else the decoded image; ``key`` replaces the
         default key (path + size + mtime, or pixels). Raises :class:`~refseg.images.ImageLoadError`.
         """
+        key = cache_key(image, cache, key)
         if cache is None:
-            if key is not None:
-                raise ValueError("keys are only used with a cache")
-            return PreparedImage(rgb=load_image(image))
+            return PreparedImage.read(image)
         cache.bind_segmenter(self)
-        key = cache.key_of(image) if key is None else str(key)
-        hit = cache.get(key, self.proposer.device)
-        return PreparedImage(key=key, candidates=hit, rgb=None if hit is not None else load_image(image))
+        return PreparedImage.read(image, key, cache.get(key, self.proposer.device))
 
     def label_prepared(self, items: Sequence["PreparedImage"], cache=None) -> list[Detections]:
         """Label prepared images: the networks run on the ones without candidates, as one batch

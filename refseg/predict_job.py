@@ -245,8 +245,8 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
             bar.update(len(batch))
 
         batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
-        if cache is not None:
-            cache.bind_segmenter(segmenter)  # here, not first in the reader thread
+        if cache is not None and isinstance(segmenter, Segmenter):  # here, not first in the reader thread
+            cache.bind_segmenter(segmenter)
         # the next batch is read in a thread while the networks work on this one
         for batch, (new, ok_ids, items) in read_ahead(batches, read_batch):
             label_and_record(new, ok_ids, items, batch)

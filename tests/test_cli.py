@@ -238,6 +238,13 @@ def test_predict_on_two_devices_matches_one(data, bank, tmp_path):
     assert [(r["image_id"], r["category_id"], r["segmentation"]["counts"]) for r in a] == \
            [(r["image_id"], r["category_id"], r["segmentation"]["counts"]) for r in b]
     assert [r["score"] for r in a] == pytest.approx([r["score"] for r in b], abs=1e-6)
+    # the two workers fill one candidate cache, which one device then reads
+    cache, three = tmp_path / "candidates", tmp_path / "three.json"
+    assert run_predict(bank, data, two, "--devices", "cpu,cpu", "--candidate-cache", str(cache), "--restart") == 0
+    assert json.loads(two.read_text()) == b
+    assert run_predict(bank, data, three, "--candidate-cache", str(cache)) == 0
+    assert json.loads(three.read_text()) == a
+    assert len(list(cache.iterdir())) == 1  # the same stage-1 settings in the workers and here: one cache
 
 
 def test_predict_with_candidate_cache_relabels_without_networks(data, bank, tmp_path, monkeypatch, capsys):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from refseg import PAPER, Segmenter, load_image
+from refseg.candidate_cache import CandidateCache
 from refseg.device_pool import DevicePool, SegmenterSpec, WorkerError, local_devices
 from refseg.predict_job import run_prediction
 from refseg.testing import ColorEncoder, ColorRegionProposer, make_synthetic_coco
@@ -69,3 +70,39 @@ def test_local_devices_parsing():
     assert local_devices("all")  # every GPU, or the CPU where there is none
     with pytest.raises(ValueError):
         local_devices(" , ")
+
+
+def test_workers_share_a_candidate_cache(setup, tmp_path):
+    """With candidate_dir the workers fill and read one cache: a rerun decodes no cached image and runs no
+    network on it, an unreadable entry is recomputed by its worker, and the labels never change."""
+    spec, bank, targets = setup
+    single = Segmenter(ColorRegionProposer(), ColorEncoder(), bank, CFG)
+    expected = json.loads(json.dumps([single.predict(p).to_coco(i) for i, p in targets]))
+    with DevicePool(spec, ["cpu", "cpu"], candidate_dir=tmp_path / "candidates") as pool:
+        cache = pool.cache
+        assert cache is not None and cache.root.parent == tmp_path / "candidates"
+        first = run_prediction(pool, targets, tmp_path / "first.json", batch_size=4, progress=False, cache=cache)
+        assert first.n_processed == len(targets) and cache.stats["writes"] == len(targets) and len(cache) == 7
+        assert cache.stats["hits"] == 0
+
+        # a hit is sent as a key and a path, not as pixels: the main process decodes nothing
+        prepared = pool.prepare(targets[0][1], cache)
+        assert prepared.rgb is None and prepared.key in cache
+
+        # one entry becomes unreadable: its worker decodes that image and labels it from the networks
+        cache.path_for(cache.key_of(targets[2][1])).write_bytes(b"not a zip")
+        second = run_prediction(pool, targets, tmp_path / "second.json", batch_size=4, progress=False, cache=cache)
+        assert second.n_processed == len(targets)
+        assert cache.stats["hits"] == len(targets) - 1 and cache.stats["corrupt"] == 1
+        assert cache.stats["writes"] == len(targets) + 1
+        flat = [r for rs in expected for r in rs]
+        for out in ("first.json", "second.json"):
+            got = json.loads((tmp_path / out).read_text())
+            assert [(r["image_id"], r["category_id"], r["bbox"], r["segmentation"]) for r in got] == \
+                [(r["image_id"], r["category_id"], r["bbox"], r["segmentation"]) for r in flat]
+            np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in flat], atol=1e-6)
+
+        with pytest.raises(ValueError, match="its own"):
+            pool.prepare(targets[0][1], CandidateCache(tmp_path / "elsewhere"))
+    with DevicePool(spec, ["cpu"]) as plain, pytest.raises(ValueError, match="its own"):
+        plain.label_prepared([], cache)

@@ -270,8 +270,14 @@ def test_auto_label_on_two_devices_gives_the_single_device_labels(dataset):
     got = labels_of(dataset, "both")
     assert_same_labels(got, {i: expected[i] for i in got})
 
-    with pytest.raises(ExecutionError, match="candidate cache works with a single device only"):
-        auto(dataset, label_field="pooled", devices="cpu,cpu", cache_candidates=True, delegate=False)
+    # the device workers share the candidate cache: a second run reads every sample's proposals from it
+    first = auto(dataset, label_field="cached", devices="cpu,cpu", cache_candidates=True, delegate=False)
+    assert first["cache"]["writes"] == 12 and first["cache"]["hits"] == 0
+    again = auto(dataset, label_field="cached", devices="cpu,cpu", cache_candidates=True, existing="overwrite",
+                 delegate=False)
+    assert again["cache"]["hits"] == 12 and again["cache"]["writes"] == 0 and again["num_labelled"] == 12
+    assert again["cache"]["path"] == first["cache"]["path"]
+    assert_same_labels(labels_of(dataset, "cached"), expected)
     with pytest.raises(ExecutionError, match="CUDA|cuda"):
         auto(dataset, label_field="pooled", devices="cuda:7,cuda:8", delegate=False)
 
