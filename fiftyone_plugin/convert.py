@@ -15,6 +15,7 @@ from PIL import Image
 import fiftyone as fo
 
 import refseg
+from refseg.results import masks_to_boxes
 
 
 def box_to_pixels(bounding_box, height: int, width: int) -> tuple[int, int, int, int]:
@@ -62,21 +63,23 @@ def mask_to_crop(full_mask: np.ndarray, bounding_box) -> np.ndarray:
     return full_mask[y1:y2, x1:x2].copy()
 
 
+def _relative_box(pixel_box, height: int, width: int) -> list[float]:
+    x1, y1, x2, y2 = (int(v) for v in pixel_box)
+    return [x1 / width, y1 / height, (x2 - x1) / width, (y2 - y1) / height]
+
+
 def mask_to_bounding_box(full_mask: np.ndarray) -> list[float]:
     """Tight relative ``[x, y, w, h]`` of a non-empty ``[H, W]`` mask."""
-    h, w = full_mask.shape
-    ys, xs = np.nonzero(full_mask)
-    x1, y1, x2, y2 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
-    return [x1 / w, y1 / h, (x2 - x1) / w, (y2 - y1) / h]
+    return _relative_box(masks_to_boxes(full_mask[None], paper_box=False)[0], *full_mask.shape)
 
 
-def to_fiftyone_detection(mask: np.ndarray, label: str, **attributes) -> fo.Detection:
+def to_fiftyone_detection(mask: np.ndarray, label: str, pixel_box=None, **attributes) -> fo.Detection:
     """A :class:`fiftyone.core.labels.Detection` from a non-empty full-image mask.
 
     Same layout as ``fo.Detection.from_mask``: the box is the mask's tight extent
-    and the mask is cropped to it.
+    (``pixel_box`` (x1, y1, x2, y2), exclusive, when already known) and the mask is cropped to it.
     """
-    box = mask_to_bounding_box(mask)
+    box = mask_to_bounding_box(mask) if pixel_box is None else _relative_box(pixel_box, *mask.shape)
     return fo.Detection(label=label, bounding_box=box, mask=mask_to_crop(mask, box), **attributes)
 
 
@@ -88,14 +91,15 @@ def to_fiftyone_detections(dets: refseg.Detections, **container_attributes) -> f
     """
     out = []
     names = dets.label_names
+    boxes = masks_to_boxes(dets.masks, paper_box=False)  # tight, exclusive; all at once
     for i in range(len(dets)):
-        mask = dets.masks[i]
-        if not mask.any():
+        x1, y1, x2, y2 = boxes[i]
+        if x2 <= x1 or y2 <= y1:  # an empty mask
             continue
         attrs = {"confidence": float(dets.scores[i])}
         if dets.pred_iou is not None:
             attrs["pred_iou"] = float(dets.pred_iou[i])
-        out.append(to_fiftyone_detection(mask, names[i], **attrs))
+        out.append(to_fiftyone_detection(dets.masks[i], names[i], pixel_box=boxes[i], **attrs))
     return fo.Detections(detections=out, **container_attributes)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from pycocotools import mask as mask_utils
 
 
@@ -63,7 +64,7 @@ class Detections:
 
     def rles(self) -> list[dict]:
         """COCO RLE of each mask (``counts`` as str, JSON-ready)."""
-        return [encode_rle(m) for m in self.masks]
+        return encode_rles(self.masks)
 
     def to_coco(self, image_id: int, category_ids: dict[str, int] | list[int] | None = None) -> list[dict]:
         """COCO result records: ``image_id, category_id, segmentation (RLE), bbox [x, y, w, h], score``.
@@ -98,6 +99,22 @@ def encode_rle(mask: np.ndarray) -> dict:
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
+
+
+def encode_rles(masks: np.ndarray) -> list[dict]:
+    """Binary [N, H, W] masks -> one COCO RLE dict each (as :func:`encode_rle`), in one pycocotools call.
+
+    pycocotools reads [H, W, N] in column-major order, i.e. the bytes of a C-order [N, W, H]
+    array: made with one blocked transpose (torch's), about twice as fast as numpy's per mask.
+    """
+    if len(masks) == 0:
+        return []
+    as_bytes = torch.from_numpy(np.ascontiguousarray(masks, dtype=bool).view(np.uint8))
+    by_column = as_bytes.transpose(1, 2).contiguous().numpy()  # [N, W, H]
+    rles = mask_utils.encode(np.asfortranarray(by_column.transpose(2, 1, 0)))  # a view: no copy
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
 
 
 def decode_rle(rle: dict) -> np.ndarray:

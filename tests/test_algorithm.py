@@ -19,7 +19,7 @@ from refseg.matching import interpolation_matrix, match_to_prototypes, pool_feat
 from refseg.merging import class_aware_nms, intersections_by_class, mask_boxes, soft_merge, top_k
 from refseg.pipeline import Candidates
 from refseg.references import crop_window
-from refseg.results import decode_rle, encode_rle, masks_to_boxes
+from refseg.results import decode_rle, encode_rle, encode_rles, masks_to_boxes
 from refseg.testing import ColorEncoder, ColorRegionProposer, PALETTE, make_synthetic_coco
 
 TOY = PAPER.with_overrides(**{"proposal.image_size": 512})
@@ -297,3 +297,15 @@ def test_fast_merge_resolution_agrees_with_paper_on_synthetic(synthetic):
     coarse = Segmenter(prop, enc, bank, TOY.with_overrides(**{"merge.merge_resolution": 128})).predict(img)
     assert paper.labels.tolist() == coarse.labels.tolist()
     np.testing.assert_allclose(paper.scores, coarse.scores, atol=0.05)
+
+
+def test_batched_rle_encoding_equals_one_mask_at_a_time():
+    rng = np.random.default_rng(0)
+    masks = rng.random((7, 33, 45)) > 0.6
+    masks[2] = False
+    masks[3] = True
+    batched = encode_rles(masks)
+    assert batched == [encode_rle(m) for m in masks]
+    assert all(isinstance(r["counts"], str) and r["size"] == [33, 45] for r in batched)
+    assert encode_rles(np.zeros((0, 5, 5), bool)) == []
+    assert all((decode_rle(r) == m).all() for r, m in zip(batched, masks))

@@ -44,5 +44,5 @@ def test_stage2_benchmark_small_on_cpu(tmp_path):
     stdout = _run("stage2.py", "--proposals", "40", "--logit-size", "64", "--height", "90", "--width", "120",
                   "--dim", "32", "--repeats", "1", "--json", str(path))
     result = json.loads(path.read_text())
-    assert "s/image" in stdout and result["best_s"] > 0 and result["peak_host_mb"] > 0
+    assert "s/image" in stdout and result["best_s"] > 0 and result["peak_host_mb"] > 0 and result["coco_records_s"] > 0
     assert 0 < result["detections"] <= 40 and result["machine"]["cpu_count"]
