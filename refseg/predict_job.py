@@ -21,6 +21,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -52,10 +53,18 @@ class PredictionRun:
     n_processed: int = 0  # labelled by this call
     n_detections: int = 0  # in the final results file
     failed: list[tuple[int, str, str]] = field(default_factory=list)  # (image_id, file_name, error)
+    labelling_s: float = 0.0  # wall time of this call's labelling loop (reading, networks, matching, writing)
+
+    @property
+    def images_per_s(self) -> float | None:
+        """Throughput of this call, or None when it labelled nothing."""
+        return self.n_processed / self.labelling_s if self.n_processed and self.labelling_s > 0 else None
 
     def summary(self) -> str:
         lines = [f"{self.n_images} image(s): {self.n_resumed} done earlier, {self.n_processed} labelled now, "
                  f"{len(self.failed)} failed; {self.n_detections} detection(s) written to {self.results_path}"]
+        if self.images_per_s is not None:
+            lines.append(f"  {self.labelling_s:.1f} s for {self.n_processed} image(s): {self.images_per_s:.2f} images/s")
         for image_id, name, error in self.failed[:20]:
             lines.append(f"  failed: image {image_id} ({name}): {error}")
         if len(self.failed) > 20:
@@ -248,8 +257,10 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
         if cache is not None and isinstance(segmenter, Segmenter):  # here, not first in the reader thread
             cache.bind_segmenter(segmenter)
         # the next batch is read in a thread while the networks work on this one
+        started = time.perf_counter()
         for batch, (new, ok_ids, items) in read_ahead(batches, read_batch):
             label_and_record(new, ok_ids, items, batch)
+        run.labelling_s = time.perf_counter() - started
 
     results: list[dict] = []
     for image_id, p in targets:

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,6 +76,7 @@ def test_full_flow(data, bank, tmp_path, capsys):
     assert "1 box-only reference" in data["build_log"]  # and it was used: 2 of 2 red references
     out = tmp_path / "results.json"
     assert run_predict(bank, data, out, "--batch-size", "2") == 0
+    assert re.search(r"for 6 image\(s\): \d+\.\d+ images/s", capsys.readouterr().out)
     results = json.loads(out.read_text())
     assert results and {"image_id", "category_id", "bbox", "segmentation", "score"} <= set(results[0])
     cats = json.loads((tmp_path / "results.categories.json").read_text())
