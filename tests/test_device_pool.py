@@ -106,3 +106,21 @@ def test_workers_share_a_candidate_cache(setup, tmp_path):
             pool.prepare(targets[0][1], CandidateCache(tmp_path / "elsewhere"))
     with DevicePool(spec, ["cpu"]) as plain, pytest.raises(ValueError, match="its own"):
         plain.label_prepared([], cache)
+
+
+def test_results_cross_the_pipe_as_tight_crops():
+    from refseg.device_pool import _pack, _unpack
+    from refseg.results import Detections, masks_to_boxes
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((4, 60, 80), bool)
+    masks[0, 10:20, 30:35] = rng.random((10, 5)) > 0.3
+    masks[2] = rng.random((60, 80)) > 0.5  # touches every border
+    masks[3, 59, 79] = True  # one corner pixel; mask 1 stays empty
+    dets = Detections(masks=masks, boxes=masks_to_boxes(masks, True), scores=np.array([0.9, 0.8, 0.7, 0.6]),
+                      labels=np.array([0, 1, 0, 1]), class_names=["a", "b"], pred_iou=np.full(4, 0.5))
+    packed = _pack(dets)
+    assert sum(c.nbytes for c in packed["crops"]) < masks.size // 8  # less than the whole masks' bits
+    back = _unpack(packed)
+    assert np.array_equal(back.masks, masks) and back.masks.dtype == bool
+    assert np.array_equal(back.boxes, dets.boxes) and back.labels.tolist() == [0, 1, 0, 1]
