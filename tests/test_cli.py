@@ -153,6 +153,26 @@ def test_corrupt_image_is_reported_and_others_labelled(data, bank, tmp_path, cap
     records = [json.loads(line) for line in (tmp_path / "results.partial.jsonl").read_text().splitlines()[1:]]
     assert [r["image_id"] for r in records if "error" in r] == [bad_id]
 
+    # the image is repaired (a copy of another one) and the same command run again: only it is labelled, and the
+    # results list it once, in image-id order, after a damaged line in the progress file was skipped
+    shutil.copy(folder / "synthetic_0003.png", folder / "synthetic_0002b.png")
+    partial = tmp_path / "results.partial.jsonl"
+    lines = partial.read_text().splitlines(keepends=True)
+    partial.write_text(lines[0] + "{damaged\n" + "".join(lines[1:]))
+    capsys.readouterr()
+    rc = main(["predict", "--bank", str(bank), "--images", str(folder), "--out", str(out), "--batch-size", "3",
+               "--quiet", *PROPOSER, *TOY])
+    assert rc == 0
+    captured = capsys.readouterr()
+    assert "6 done earlier, 1 labelled now, 0 failed" in captured.out and "unreadable line" in captured.err
+    results = json.loads(out.read_text())
+    ids = [r["image_id"] for r in results]
+    assert ids == sorted(ids) and set(ids) == set(images)
+    repaired = [r for r in results if r["image_id"] == bad_id]
+    twin = next(i for i, f in images.items() if f == "synthetic_0003.png")
+    assert [r["segmentation"] for r in repaired] == [r["segmentation"] for r in results if r["image_id"] == twin]
+    assert "{damaged" not in partial.read_text()  # dropped from the progress file
+
 
 def test_user_errors_exit_2_with_one_line(data, bank, tmp_path, capsys):
     def check(argv, expected):
