@@ -162,11 +162,12 @@ def _scan_partial(path: Path, names: dict[int, str]) -> tuple[dict | None, dict[
 
 
 def _drop_bad_lines(path: Path) -> None:
-    """Rewrite the progress file (streamed, atomically) without its unreadable or unfinished lines."""
+    """Rewrite the progress file (streamed, atomically) without its unreadable lines; a complete last record
+    that lost only its newline is kept (with one)."""
     with open(path, "rb") as src, _atomic_file(path) as dst:
         for raw in src:
-            if raw.endswith(b"\n") and _parse_line(raw) is not None:
-                dst.write(raw.decode("utf-8"))
+            if _parse_line(raw) is not None:
+                dst.write(raw.decode("utf-8").rstrip("\n") + "\n")
 
 
 @contextlib.contextmanager

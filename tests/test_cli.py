@@ -122,6 +122,12 @@ def test_predict_resumes(data, bank, tmp_path, monkeypatch):
     assert proposed(counter) == 9
     assert json.loads(out.read_text()) == first
 
+    # killed just before the last newline: that record is whole, so it is kept, not recomputed
+    partial.write_text(partial.read_text().rstrip("\n"))
+    assert run_predict(bank, data, out, proposer=counting) == 0
+    assert proposed(counter) == 9 and json.loads(out.read_text()) == first
+    assert partial.read_text().endswith("}\n")
+
 
 def test_predict_refuses_progress_of_another_run(data, bank, tmp_path, capsys):
     out = tmp_path / "results.json"
