@@ -37,7 +37,7 @@ from fiftyone import ViewField as F
 
 import refseg
 from refseg import ImageLoadError, MemoryBank, Reference, ReferenceEncoder, Segmenter, UnusableReference
-from refseg.candidate_cache import CandidateCache, settings_hash, stage1_settings
+from refseg.candidate_cache import CandidateCache
 from refseg.config import PipelineConfig, get_preset
 from refseg.devices import select_device
 from refseg.images import image_size
@@ -771,7 +771,8 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
         used_devices = [str(device)]
         if total:
             segmenter = Segmenter(load_proposer(models, device), load_encoder(models, device), bank, config)
-        cache = _candidate_cache(dataset, segmenter) if cache_candidates and segmenter is not None else None
+        if cache_candidates and segmenter is not None:
+            cache = CandidateCache.for_segmenter(_candidate_root(dataset), segmenter)
     step = max(1, int(batch_size)) * len(used_devices)  # batch_size per device
     try:
         report = yield from _label_loop(dataset, ids, step, segmenter, cache, label_field, key, bank_name)
@@ -815,8 +816,6 @@ def _label_loop(dataset: fo.Dataset, ids: list[str], step: int, segmenter, cache
                 failed.append({"sample_id": sample.id, "filepath": sample.filepath, "error": str(exc)})
         return ready, items
 
-    if cache is not None and isinstance(segmenter, Segmenter):  # here, not first in the reader thread
-        cache.bind_segmenter(segmenter)
     chunks = [ids[start:start + step] for start in range(0, total, step)]
     done = 0
     # the next chunk is read in a thread while the networks work on this one
@@ -838,10 +837,6 @@ def _candidate_root(dataset: fo.Dataset) -> Path:
     return candidate_dir(dataset) / _slug(dataset.name)
 
 
-def _candidate_cache(dataset: fo.Dataset, segmenter: Segmenter) -> CandidateCache:
-    """The dataset's candidate cache for these models and stage-1 settings."""
-    settings = stage1_settings(segmenter)
-    return CandidateCache(_candidate_root(dataset) / settings_hash(settings), settings)
 
 
 def _record_run(dataset: fo.Dataset, label_field: str, report: dict) -> None:

@@ -340,10 +340,23 @@ class CandidateCache:
             self._atomic_write(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
         self.settings, self.settings_hash = settings, settings_hash(settings)
 
+    @classmethod
+    def for_segmenter(cls, base: str | os.PathLike, segmenter: "Segmenter", **codecs) -> "CandidateCache":
+        """The cache of ``segmenter``'s stage-1 settings under ``base``: one sub-folder per :func:`settings_hash`,
+        so other models or proposal settings get their own entries. ``codecs``: as for the constructor."""
+        settings = stage1_settings(segmenter)
+        cache = cls(Path(base) / settings_hash(settings), settings, **codecs)
+        cache._bound_to = cls._identity(segmenter)
+        return cache
+
+    @staticmethod
+    def _identity(segmenter: "Segmenter") -> tuple:
+        return (id(segmenter.proposer), id(segmenter.encoder), segmenter.config.proposal, segmenter.config.precision,
+                segmenter.config.match.mask_threshold)
+
     def bind_segmenter(self, segmenter: "Segmenter") -> None:
         """:meth:`bind` to ``segmenter``'s :func:`stage1_settings` (fingerprints computed once per model set)."""
-        ident = (id(segmenter.proposer), id(segmenter.encoder), segmenter.config.proposal, segmenter.config.precision,
-                 segmenter.config.match.mask_threshold)
+        ident = self._identity(segmenter)
         if self._bound_to != ident:
             self.bind(stage1_settings(segmenter))
             self._bound_to = ident

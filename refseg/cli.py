@@ -303,10 +303,9 @@ def cmd_predict(args) -> int:
     if args.candidate_cache and isinstance(segmenter, DevicePool):
         cache = segmenter.cache
     elif args.candidate_cache:
-        from .candidate_cache import CandidateCache, settings_hash, stage1_settings
+        from .candidate_cache import CandidateCache
 
-        settings = stage1_settings(segmenter)
-        cache = CandidateCache(Path(args.candidate_cache) / settings_hash(settings), settings)
+        cache = CandidateCache.for_segmenter(args.candidate_cache, segmenter)
     if cache is not None:
         _say(f"candidate cache: {cache.root} ({len(cache)} image(s) in it)")
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import queue
-from pathlib import Path
 import traceback
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from .candidate_cache import CandidateCache
 from .config import PipelineConfig
 from .memory_bank import MemoryBank
 from .pipeline import PreparedImage, cache_key
@@ -104,7 +104,7 @@ def _worker(spec: SegmenterSpec, device: str, threads: int, candidate_dir: str |
         if threads:
             torch.set_num_threads(threads)
         seg = spec.build(device)
-        cache = _open_cache(seg, candidate_dir) if candidate_dir is not None else None
+        cache = CandidateCache.for_segmenter(candidate_dir, seg) if candidate_dir is not None else None
         proposer_settings = getattr(seg.proposer, "settings", None)
         results.put(("ready", device, {
             "proposer": getattr(seg.proposer, "name", type(seg.proposer).__name__),
@@ -129,14 +129,6 @@ def _worker(spec: SegmenterSpec, device: str, threads: int, candidate_dir: str |
             results.put(("done", job_id, ([_pack(d) for d in dets], stats)))
         except BaseException:
             results.put(("error", job_id, traceback.format_exc()))
-
-
-def _open_cache(seg, candidate_dir: str):
-    """The candidate cache of ``seg``'s stage-1 settings under ``candidate_dir`` (one sub-folder per settings)."""
-    from .candidate_cache import CandidateCache, settings_hash, stage1_settings
-
-    settings = stage1_settings(seg)
-    return CandidateCache(Path(candidate_dir) / settings_hash(settings), settings)
 
 
 def _read_entry(seg, cache, item: PreparedImage) -> PreparedImage:
@@ -205,8 +197,6 @@ class DevicePool:
         self._next_job = 0
         self.cache = None  # the candidate cache the workers share, with candidate_dir
         if candidate_dir is not None:
-            from .candidate_cache import CandidateCache
-
             roots = {info["cache"]["root"] for info in infos}
             if len(roots) != 1:
                 self.close()

@@ -211,7 +211,7 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
     given (the file name is recorded). ``category_ids`` maps bank class name (or
     class index, as a list) to COCO category id (default index + 1). Images are
     read one by one, so an unreadable image is recorded as failed without losing
-    the rest of its batch; the readable ones go to :meth:`Segmenter.predict_batch`
+    the rest of its batch; the readable ones go to :meth:`Segmenter.label_prepared`
     ``batch_size`` at a time. ``restart`` discards earlier progress. ``run_info``
     identifies the run (default :func:`run_fingerprint`): a partial file with other
     ``run_info`` raises :class:`PartialRunMismatch`.
@@ -292,8 +292,6 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
             bar.update(len(batch))
 
         batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
-        if cache is not None and isinstance(segmenter, Segmenter):  # here, not first in the reader thread
-            cache.bind_segmenter(segmenter)
         # the next batch is read in a thread while the networks work on this one
         started = time.perf_counter()
         for batch, (new, ok_ids, items) in read_ahead(batches, read_batch):
