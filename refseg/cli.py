@@ -462,7 +462,9 @@ def _add_model_options(p: argparse.ArgumentParser, proposer_help: str) -> None:
 
 def _add_settings_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("settings")
-    g.add_argument("--preset", default="paper", help="settings preset: paper (published numbers) or fast")
+    g.add_argument("--preset", default="default",
+                   help="settings preset: default (the paper's method, exact boxes), paper (the published numbers, "
+                        "with the reference's one-pixel-short COCO result boxes) or fast (bf16, faster decoder)")
     g.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one setting, e.g. --set merge.top_k=50 --set proposal.points_per_side=16 "
                         "(repeatable; sections: reference, proposal, match, merge, output, precision)")

@@ -218,6 +218,7 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
     """
     from tqdm.auto import tqdm
 
+    paper_box = segmenter.config.output.paper_box  # the paper preset's short COCO boxes (Detections.to_coco)
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     out_path = Path(out_path)
@@ -279,7 +280,7 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
                     raise
                 for image_id, d in zip(ok_ids, dets):
                     new.append({"image_id": image_id, "file_name": names[image_id],
-                                "detections": d.to_coco(image_id, category_ids)})
+                                "detections": d.to_coco(image_id, category_ids, paper_box)})
             order = {image_id: k for k, (image_id, _) in enumerate(batch)}
             new.sort(key=lambda r: order[r["image_id"]])
             for rec in new:

@@ -14,8 +14,9 @@ class Detections:
     """Instances found in one image, sorted by score (highest first).
 
     masks:       [N, H, W] bool at the original image resolution.
-    boxes:       [N, 4] float xyxy in pixels; ``x2, y2`` exclusive (the mask extent),
-                 unless made with the paper's box convention (see :func:`masks_to_boxes`).
+    boxes:       [N, 4] float xyxy in pixels; ``x2, y2`` exclusive (the mask's true extent).
+                 The paper's one-pixel-short box exists only in COCO results files
+                 (:meth:`to_coco` with ``paper_box``).
     scores:      [N] float in [0, 1].
     labels:      [N] int, index into ``class_names``.
     class_names: the memory bank's class names.
@@ -66,14 +67,29 @@ class Detections:
         """COCO RLE of each mask (``counts`` as str, JSON-ready)."""
         return encode_rles(self.masks)
 
-    def to_coco(self, image_id: int, category_ids: dict[str, int] | list[int] | None = None) -> list[dict]:
+    def to_coco(self, image_id: int, category_ids: dict[str, int] | list[int] | None = None,
+                paper_box: bool = False) -> list[dict]:
         """COCO result records: ``image_id, category_id, segmentation (RLE), bbox [x, y, w, h], score``.
 
         ``category_ids`` maps class name (or class index, as a list) to COCO category id;
         by default the class index + 1.
+
+        The box rule, applied here and nowhere else: ``bbox`` is the mask's exact extent
+        (``w`` = last column - first column + 1), what FiftyOne labels and ``Detections.boxes``
+        carry too. ``paper_box=True`` (``refseg predict`` with the ``paper`` preset only,
+        :attr:`refseg.config.OutputConfig.paper_box`) writes the reference's box instead: from
+        inclusive pixel indices, one pixel short in width and height, to reproduce the
+        published box AP. The box is computed from each mask's RLE, so it does not depend on
+        how ``boxes`` were made.
         """
+        rles = self.rles()
+        if not rles:
+            return []
+        bboxes = mask_utils.toBbox(rles)  # [N, 4] float64 x, y, w, h: the exact extent; zeros for an empty mask
+        if paper_box:
+            bboxes[:, 2:] = np.maximum(bboxes[:, 2:] - 1, 0)
         records = []
-        for rle, box, score, label in zip(self.rles(), self.boxes, self.scores, self.labels):
+        for rle, bbox, score, label in zip(rles, bboxes.tolist(), self.scores, self.labels):
             label = int(label)
             if category_ids is None:
                 cat = label + 1
@@ -81,13 +97,12 @@ class Detections:
                 cat = int(category_ids[self.class_names[label]])
             else:
                 cat = int(category_ids[label])
-            x1, y1, x2, y2 = (float(v) for v in box)
             records.append(
                 {
                     "image_id": int(image_id),
                     "category_id": cat,
                     "segmentation": rle,
-                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "bbox": bbox,
                     "score": float(score),
                 }
             )
@@ -129,9 +144,9 @@ def decode_rle(rle: dict) -> np.ndarray:
 def masks_to_boxes(masks: np.ndarray, paper_box: bool) -> np.ndarray:
     """[N, H, W] bool -> [N, 4] xyxy float.
 
-    ``paper_box=True`` reproduces the reference: ``x2, y2`` are the last mask pixel's
-    indices, so the COCO width is one pixel short. Otherwise ``x2, y2`` are exclusive
-    and the box covers the mask exactly. Empty masks give a zero box.
+    ``x2, y2`` are exclusive and the box covers the mask exactly; ``paper_box=True`` gives
+    the reference's inclusive ``x2, y2`` (the last mask pixel's indices, one pixel short).
+    Empty masks give a zero box. Which box goes where: :meth:`Detections.to_coco`.
     """
     n = masks.shape[0]
     boxes = np.zeros((n, 4), dtype=np.float32)

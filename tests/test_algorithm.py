@@ -4,6 +4,7 @@ Uses the deterministic plug-in components of refseg.testing (real implementation
 two interfaces, no weights) so that every expected number can be worked out by hand.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from refseg import PAPER, Detections, MemoryBank, Reference, ReferenceEncoder, Segmenter, UnusableReference
-from refseg.config import PipelineConfig, get_preset
+from refseg.config import PRESETS, PipelineConfig, get_preset
 from refseg.matching import interpolation_matrix, match_to_prototypes, pool_features
 from refseg.merging import class_aware_nms, intersections_by_class, mask_boxes, soft_merge, top_k
 from refseg.pipeline import Candidates
@@ -32,6 +33,15 @@ def test_paper_preset_holds_the_published_numbers():
     assert (p.merge.nms_iou, p.merge.max_after_nms, p.merge.top_k) == (0.5, 800, 100)
     assert p.reference.context_scale == 1.2 and p.precision == "fp32" and p.output.paper_box
     assert p.proposal.add_no_mem_embed is False and p.merge.soft_merge and p.merge.merge_resolution is None
+
+
+def test_only_the_paper_preset_writes_short_boxes():
+    """The paper's one-pixel-short COCO boxes are opt-in: the paper preset only, never the defaults."""
+    assert get_preset("paper").output.paper_box is True
+    assert [n for n, p in PRESETS.items() if p.output.paper_box] == ["paper"]
+    assert PipelineConfig().output.paper_box is False and get_preset("default") == PipelineConfig()
+    # the paper preset is the default's method plus the short boxes, nothing else
+    assert dataclasses.replace(PAPER, name="default", output=PipelineConfig().output) == PipelineConfig()
 
 
 def test_overrides_are_dotted_typed_and_checked():
@@ -151,10 +161,21 @@ def test_box_conventions_paper_and_exact():
     m[0, 2:5, 3:9] = True  # rows 2..4, cols 3..8
     assert masks_to_boxes(m, paper_box=True).tolist() == [[3, 2, 8, 4]]
     assert masks_to_boxes(m, paper_box=False).tolist() == [[3, 2, 9, 5]]
-    det = Detections(m, masks_to_boxes(m, True), np.array([0.5], np.float32), np.array([0]), ["cat"])
+    det = Detections(m, masks_to_boxes(m, False), np.array([0.5], np.float32), np.array([0]), ["cat"])
     rec = det.to_coco(7, {"cat": 17})[0]
-    assert rec["bbox"] == [3.0, 2.0, 5.0, 2.0] and rec["category_id"] == 17 and rec["image_id"] == 7
+    assert rec["bbox"] == [3.0, 2.0, 6.0, 3.0] and rec["category_id"] == 17 and rec["image_id"] == 7
     assert (decode_rle(rec["segmentation"]) == m[0]).all()
+    # the paper's COCO box: one pixel short; computed from the mask, whatever boxes the Detections hold
+    assert det.to_coco(7, {"cat": 17}, paper_box=True)[0]["bbox"] == [3.0, 2.0, 5.0, 2.0]
+    det.boxes = masks_to_boxes(m, True)
+    assert det.to_coco(7)[0]["bbox"] == [3.0, 2.0, 6.0, 3.0] and det.to_coco(7, paper_box=True)[0]["bbox"] == [
+        3.0, 2.0, 5.0, 2.0]
+    # a one-pixel mask and an empty one
+    m = np.zeros((2, 10, 12), dtype=bool)
+    m[0, 4, 7] = True
+    det = Detections(m, masks_to_boxes(m, False), np.array([0.5, 0.4], np.float32), np.array([0, 0]), ["cat"])
+    assert [r["bbox"] for r in det.to_coco(1)] == [[7.0, 4.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
+    assert [r["bbox"] for r in det.to_coco(1, paper_box=True)] == [[7.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
 
 
 def test_rle_roundtrip_uncompressed_counts():
@@ -183,7 +204,7 @@ def test_reference_embedding_is_soft_mask_weighted_mean_of_patch_features():
     # by hand: crop side 24 centred at 20 -> [8, 32); resized to 56; patch corners at 0, 14, 28, 42
     x1, y1, x2, y2 = crop_window((10, 10, 30, 30), 40, 40, 1.2)
     crop = torch.from_numpy(img[y1:y2, x1:x2]).permute(2, 0, 1).float()[None] / 255
-    crop = F.interpolate(crop, size=(56, 56), mode="bicubic", align_corners=False).clamp(0, 1)
+    crop = F.interpolate(crop, size=(56, 56), mode="bicubic", align_corners=False, antialias=False)  # not clamped
     soft = F.interpolate(torch.from_numpy(mask[y1:y2, x1:x2]).float()[None, None], size=(56, 56),
                          mode="bilinear", align_corners=False)[0, 0]
     wts = soft[0::14, 0::14]
@@ -191,6 +212,27 @@ def test_reference_embedding_is_soft_mask_weighted_mean_of_patch_features():
     expected = (feats * wts[..., None]).sum((0, 1)) / wts.sum()
     torch.testing.assert_close(emb, expected)
     assert int(emb.argmax()) == list(PALETTE).index("red")
+
+
+def test_reference_crop_keeps_bicubic_overshoot():
+    """The crop the encoder sees is torch's bicubic resize itself: values beyond [0, 1] at strong edges are kept."""
+    seen = []
+
+    class Recording(ColorEncoder):
+        def encode(self, images):
+            seen.append(images.clone())
+            return super().encode(images)
+
+    img = np.zeros((40, 40, 3), dtype=np.uint8)
+    img[:, 20:] = 255  # a black/white edge
+    mask = np.zeros((40, 40), dtype=bool)
+    mask[10:30, 10:30] = True
+    ReferenceEncoder(Recording(input_size=56, patch_size=14)).embed([Reference(img, "a", mask=mask)])
+    x1, y1, x2, y2 = crop_window((10, 10, 30, 30), 40, 40, 1.2)
+    crop = torch.from_numpy(img[y1:y2, x1:x2]).permute(2, 0, 1).float()[None] / 255
+    want = F.interpolate(crop, size=(56, 56), mode="bicubic", align_corners=False, antialias=False)
+    assert torch.equal(seen[0], want)
+    assert seen[0].min() < 0 and seen[0].max() > 1
 
 
 def test_unusable_references_are_reported_not_fatal():
