@@ -3,8 +3,9 @@
 FiftyOne stores an instance mask cropped to its detection's box: ``bounding_box``
 is ``[x, y, w, h]`` relative to the image and ``mask`` covers exactly that box at
 full image resolution. Here those crops become full ``[H, W]`` masks and back.
-Box corners are rounded to the nearest pixel on the way in and out, so a mask
-written by :func:`to_fiftyone_detection` reads back pixel for pixel.
+Pixel boxes are recovered exactly from the relative ones (:func:`pixel_xywh`), so a
+mask written by :func:`to_fiftyone_detection` reads back pixel for pixel and a
+reference imported from COCO gets the same box as ``refseg build-bank`` gives it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,57 @@ import refseg
 from refseg.results import masks_to_boxes
 
 
-def box_to_pixels(bounding_box, height: int, width: int) -> tuple[int, int, int, int]:
-    """FiftyOne relative ``[x, y, w, h]`` -> pixel ``(x1, y1, x2, y2)``, exclusive end, clipped to the image."""
+# How many decimals a recovered pixel coordinate may have (see _pixel_value).
+_MAX_DECIMALS = 10
+
+
+def _pixel_value(relative: float, size: int) -> float:
+    """The pixel number ``p`` that FiftyOne stored as ``relative = p / size``, recovered exactly.
+
+    ``relative * size`` is not always ``p`` in floating point (223 / 259 * 259 is
+    222.99999999999997), and the integer truncation of reference box corners (METHOD.md
+    section 1 step 1) then lands a pixel short of the one ``refseg build-bank`` uses on the
+    same COCO box. FiftyOne's COCO importer stores ``x / width`` etc. with the COCO numbers
+    (integers, or decimals with a few digits), so the shortest decimal (at most
+    ``_MAX_DECIMALS`` digits) whose division by ``size`` gives back the stored value
+    bit for bit is that number: all doubles that divide to the same value lie within
+    two ulps of each other, and two distinct decimals of at most 15 significant digits are
+    never that close. Any other value (a box drawn with more digits) comes back as
+    ``relative * size``, off by an ulp at most. Box corners are then computed from the
+    recovered numbers with the CLI's own arithmetic (``x + w``), so they match it even
+    for non-integer COCO boxes.
+    """
+    value = relative * size
+    for digits in range(_MAX_DECIMALS + 1):
+        candidate = round(value, digits)
+        if candidate / size == relative:
+            return candidate + 0.0  # never -0.0
+    return value
+
+
+def pixel_xywh(bounding_box, height: int, width: int) -> tuple[float, float, float, float]:
+    """FiftyOne relative ``[x, y, w, h]`` -> the pixel ``(x, y, w, h)`` it was made from (a COCO ``bbox``)."""
     x, y, w, h = (float(v) for v in bounding_box)
-    x1, y1 = int(round(x * width)), int(round(y * height))
-    x2, y2 = int(round((x + w) * width)), int(round((y + h) * height))
+    return _pixel_value(x, width), _pixel_value(y, height), _pixel_value(w, width), _pixel_value(h, height)
+
+
+def detection_box_pixels(detection: fo.Detection, height: int, width: int) -> tuple[float, float, float, float]:
+    """A detection's box as float pixel ``(x1, y1, x2, y2)`` (reference boxes, box prompts).
+
+    Exactly what :func:`refseg.coco.iter_references` makes of the COCO ``bbox`` the
+    detection was imported from: ``(x, y, x + w, y + h)``.
+    """
+    x, y, w, h = pixel_xywh(detection.bounding_box, height, width)
+    return x, y, x + w, y + h
+
+
+def box_to_pixels(bounding_box, height: int, width: int) -> tuple[int, int, int, int]:
+    """FiftyOne relative ``[x, y, w, h]`` -> pixel ``(x1, y1, x2, y2)``, exclusive end, clipped to the image.
+
+    Corners are rounded as FiftyOne's COCO importer rounds them when it crops a mask to its box.
+    """
+    x, y, w, h = pixel_xywh(bounding_box, height, width)
+    x1, y1, x2, y2 = int(round(x)), int(round(y)), int(round(x + w)), int(round(y + h))
     return (min(max(x1, 0), width), min(max(y1, 0), height), min(max(x2, 0), width), min(max(y2, 0), height))
 
 
@@ -41,9 +88,9 @@ def detection_mask(detection: fo.Detection, height: int, width: int) -> np.ndarr
     if crop.ndim == 3:
         crop = crop[..., 0]
     crop = crop > 0
-    x, y, w, h = (float(v) for v in detection.bounding_box)
-    x0, y0 = int(round(x * width)), int(round(y * height))
-    box_w, box_h = int(round((x + w) * width)) - x0, int(round((y + h) * height)) - y0
+    x, y, w, h = pixel_xywh(detection.bounding_box, height, width)
+    x0, y0 = int(round(x)), int(round(y))
+    box_w, box_h = int(round(x + w)) - x0, int(round(y + h)) - y0
     if box_w > 0 and box_h > 0 and (abs(crop.shape[1] - box_w) > 1 or abs(crop.shape[0] - box_h) > 1):
         resized = Image.fromarray(crop.astype(np.uint8) * 255).resize((box_w, box_h), Image.NEAREST)
         crop = np.asarray(resized) > 0
@@ -101,9 +148,3 @@ def to_fiftyone_detections(dets: refseg.Detections, **container_attributes) -> f
             attrs["pred_iou"] = float(dets.pred_iou[i])
         out.append(to_fiftyone_detection(dets.masks[i], names[i], pixel_box=boxes[i], **attrs))
     return fo.Detections(detections=out, **container_attributes)
-
-
-def detection_box_pixels(detection: fo.Detection, height: int, width: int) -> tuple[float, float, float, float]:
-    """A detection's box as float pixel ``(x1, y1, x2, y2)`` (for box prompts and COCO ``bbox``)."""
-    x, y, w, h = (float(v) for v in detection.bounding_box)
-    return x * width, y * height, (x + w) * width, (y + h) * height

@@ -44,7 +44,8 @@ from refseg.images import image_size
 from refseg.plugins import build_encoder, build_proposer
 from refseg.prefetch import read_ahead
 
-from .convert import box_to_pixels, detection_box_pixels, detection_mask, mask_to_crop, to_fiftyone_detections
+from .convert import (box_to_pixels, detection_box_pixels, detection_mask, mask_to_crop, pixel_xywh,
+                      to_fiftyone_detections)
 
 PLUGIN_NAME = "@refseg/refseg"
 BANKS_KEY = "refseg_banks"  # dataset.info key: bank name -> record
@@ -1029,9 +1030,9 @@ def export_coco(samples, *, label_field: str, export_dir: str, mask_format: str 
         for det in (labels.detections if labels is not None else []):
             if det.label not in cat_ids or det.bounding_box is None:
                 continue
-            x1, y1, x2, y2 = detection_box_pixels(det, h, w)
+            bx, by, bw, bh = pixel_xywh(det.bounding_box, h, w)  # a COCO box comes back as it was imported
             ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_ids[det.label],
-                   "bbox": [x1, y1, x2 - x1, y2 - y1], "area": float((x2 - x1) * (y2 - y1)), "iscrowd": 0}
+                   "bbox": [bx, by, bw, bh], "area": float(bw * bh), "iscrowd": 0}
             mask = detection_mask(det, h, w)
             if mask is not None:
                 ann["segmentation"] = refseg.encode_rle(mask)
