@@ -77,7 +77,9 @@ def test_workers_share_a_candidate_cache(setup, tmp_path):
     network on it, an unreadable entry is recomputed by its worker, and the labels never change."""
     spec, bank, targets = setup
     single = Segmenter(ColorRegionProposer(), ColorEncoder(), bank, CFG)
-    expected = json.loads(json.dumps([single.predict(p).to_coco(i) for i, p in targets]))
+    # run_prediction writes COCO boxes by the config's rule (the paper preset's: one pixel short)
+    expected = json.loads(json.dumps([single.predict(p).to_coco(i, paper_box=CFG.output.paper_box)
+                                      for i, p in targets]))
     with DevicePool(spec, ["cpu", "cpu"], candidate_dir=tmp_path / "candidates") as pool:
         cache = pool.cache
         assert cache is not None and cache.root.parent == tmp_path / "candidates"
