@@ -126,7 +126,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("agree")
     ref_images, ref_json = _write_set(root / "refs", n_images=4, seed=5, references=True)
     coco = json.loads(ref_json.read_text())
-    box_only = coco["annotations"][1]  # a quarter-pixel box without mask: the proposer's box prompt
+    box_only = coco["annotations"][1]  # no mask (its x + w is an integer): the proposer's box prompt makes it
     del box_only["segmentation"]
     ref_json.write_text(json.dumps(coco))
     target_images, _ = _write_set(root / "targets", n_images=4, seed=6, references=False)
@@ -140,7 +140,8 @@ def setup(tmp_path_factory):
                                   labels_path=str(ref_json), label_types="segmentations", label_field="ground_truth",
                                   include_annotation_id=True, name=unique("agree"))
     # FiftyOne's segmentation import leaves box-only annotations out: add that one its importer's way
-    sample = dataset.match(fo.ViewField("filepath").ends_with(coco["images"][box_only["image_id"] - 1]["file_name"])).first()
+    file_name = coco["images"][box_only["image_id"] - 1]["file_name"]
+    sample = dataset.match(fo.ViewField("filepath").ends_with(file_name)).first()
     det = fouc.COCOObject.from_anno_dict(box_only).to_detection(
         (WIDTH, HEIGHT), classes_map={c["id"]: c["name"] for c in coco["categories"]}, include_id=True)  # its coco_id
     assert det.mask is None
@@ -222,3 +223,20 @@ def test_cli_and_plugin_write_the_same_exact_boxes_and_only_the_paper_preset_is_
             assert short["bbox"] == [x, y, w - 1, h - 1]
             compared += 1
     assert compared >= 8
+
+
+def test_pixel_numbers_come_back_exactly_from_relative_coordinates():
+    """Every integer pixel, and COCO-style decimals, on image sizes where ``relative * size`` misses them."""
+    convert = plugin_module("convert")
+    rng = np.random.default_rng(0)
+    for size in (211, 259, 480, 640, 1333, 4032):
+        assert all(convert._pixel_value(c / size, size) == c for c in range(size + 1))
+        for value in [round(float(v), int(d)) for v, d in zip(rng.uniform(-5, size + 5, 300), rng.integers(1, 7, 300))]:
+            assert convert._pixel_value(value / size, size) == value
+        # any other relative value (e.g. drawn in the App) comes back as relative * size, give or take an ulp
+        for rel in rng.uniform(0, 1, 100).tolist():
+            assert abs(convert._pixel_value(rel, size) - rel * size) <= 2e-15 * size
+    x, y, w, h = 10.25, 20.3, 40.75, 30.9  # the CLI's corners: int(10.25), int(20.3), int(51.0), int(51.2)
+    det = fo.Detection(label="x", bounding_box=[x / 259, y / 211, w / 259, h / 211])
+    assert convert.detection_box_pixels(det, 211, 259) == (x, y, x + w, y + h)
+    assert convert.box_to_pixels(det.bounding_box, 211, 259) == (10, 20, 51, 51)
