@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchvision.ops import batched_nms, masks_to_boxes
 
-from .upsampling import output_windows, upsample_masks
+from .upsampling import output_windows, window_masks
 
 BAND_BYTES = 256 << 20  # upsampled_intersections: masks held at once
 
@@ -86,22 +87,34 @@ def upsampled_intersections(logits: torch.Tensor, labels: torch.Tensor, size: tu
                             band_bytes: int = BAND_BYTES) -> torch.Tensor:
     """:func:`intersections_by_class` of ``upsample_masks(logits, size, threshold)``, without holding them all.
 
-    The masks are made one band of rows at a time, at most ``band_bytes`` of them (counts
-    add up over bands), so memory stays bounded for any image size: 800 masks of a 12 MP
-    photo would take 9.6 GB at once. Only the masks that reach a band are made in it.
+    Each mask is upsampled once, inside its window only (:func:`refseg.upsampling.window_masks`,
+    kept at 1 bit a pixel on the CPU);
+    the counts are then taken one band of rows at a time, the band holding at most
+    ``band_bytes`` of full-width masks (counts add up over bands), so memory stays bounded
+    for any image size: 800 masks of a 12 MP photo would take 9.6 GB at once. Only the
+    masks that reach a band are placed in it.
     """
     n = logits.shape[0]
     height, width = int(size[0]), int(size[1])
     inter = torch.zeros(n, n, dtype=torch.float64, device=logits.device)
     windows = output_windows(logits, (height, width), threshold)
+    pack = logits.device.type == "cpu"  # 1 bit a pixel while waiting for their bands
+    boxes, crops = window_masks(logits, (height, width), threshold, windows, pack=pack)
+    windows = torch.tensor(boxes, dtype=torch.long, device=logits.device).reshape(n, 4)
     rows = max(1, band_bytes // max(1, n * width))
     for r0 in range(0, height, rows):
         r1 = min(height, r0 + rows)
         inside = ((windows[:, 0] < r1) & (windows[:, 1] > r0) & (windows[:, 2] < windows[:, 3])).nonzero().squeeze(1)
         if inside.numel() == 0:
             continue
-        masks = upsample_masks(logits[inside], (height, width), threshold, windows=windows[inside],
-                               region=(r0, r1, 0, width))
+        masks = torch.zeros(inside.numel(), r1 - r0, width, dtype=torch.bool, device=logits.device)
+        for slot, i in enumerate(inside.tolist()):
+            y0, y1, x0, x1 = boxes[i]
+            a, b = max(y0, r0), min(y1, r1)
+            part = crops[i][a - y0:b - y0]
+            if pack:
+                part = torch.from_numpy(np.unpackbits(part, axis=1, count=x1 - x0).view(np.bool_))
+            masks[slot, a - r0:b - r0, x0:x1] = part
         local = windows[inside].clone()
         local[:, :2] = local[:, :2].clamp(r0, r1) - r0
         inter[inside[:, None], inside[None, :]] += intersections_by_class(masks, labels[inside], local)

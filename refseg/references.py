@@ -111,7 +111,8 @@ class ReferenceEncoder:
         x1, y1, x2, y2 = crop_window(box, h, w, self.config.context_scale)
         size, patch = self.encoder.input_size, self.encoder.patch_size
         crop = to_tensor(ref.image[y1:y2, x1:x2])[None]  # [1, 3, h, w]
-        crop = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)[0]
+        # bicubic overshoots [0, 1] near strong edges; the reference keeps it (no clamp)
+        crop = F.interpolate(crop, size=(size, size), mode="bicubic", align_corners=False, antialias=False)[0]
         m = torch.from_numpy(mask[y1:y2, x1:x2].astype(np.float32))[None, None]
         soft = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)[0, 0]
         grid = size // patch

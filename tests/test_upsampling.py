@@ -1,15 +1,17 @@
-"""Bilinear mask upsampling (refseg.upsampling) and the windowed intersection counts that use it."""
+"""Mask upsampling (refseg.upsampling): the bits of torch's antialiased bilinear call, and the
+windowed intersection counts that use it."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from refseg.merging import intersections_by_class, soft_merge, upsampled_intersections
-from refseg.upsampling import _resample, axis_sampling, output_windows, support_boxes, upsample_masks
-
-SIZES = [((256, 256), (480, 640)), ((256, 256), (1000, 750)), ((64, 48), (100, 77)), ((10, 10), (7, 5)),
-         ((32, 32), (32, 32)), ((5, 7), (300, 200)), ((1, 1), (4, 3))]
-
+from refseg.upsampling import filter_taps, output_windows, support_boxes, upsample_masks
 
 def blobs(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     """Mask logits like SAM's: small positive blobs on a negative background, some masks empty."""
@@ -25,40 +27,95 @@ def blobs(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("src,dst", SIZES)
-def test_values_equal_torch_bilinear(src, dst):
-    logits = blobs(12, *src)
-    want = F.interpolate(logits[:, None], size=dst, mode="bilinear", align_corners=False)[:, 0]
-    got = _resample(logits, axis_sampling(src[0], dst[0]), axis_sampling(src[1], dst[1]))
-    assert got.shape == want.shape
-    assert torch.allclose(got, want, atol=1e-5, rtol=1e-6)
+# (logit grid, output size): SAM's 256 grid onto larger, smaller, equal, non-square and 1-pixel sides
+SIZES = [((256, 256), (480, 640)), ((256, 256), (240, 320)), ((256, 256), (180, 420)), ((256, 256), (256, 256)),
+         ((256, 256), (255, 257)), ((256, 256), (1000, 750)), ((256, 256), (37, 1024)), ((256, 256), (1, 700)),
+         ((256, 256), (700, 1)), ((256, 256), (1, 1)), ((64, 48), (100, 77)), ((10, 10), (7, 5)),
+         ((32, 32), (32, 32)), ((5, 7), (300, 200)), ((1, 1), (4, 3))]
+
+
+def reference(logits: torch.Tensor, size, threshold: float = 0.0) -> torch.Tensor:
+    """The paper's call (docs/method.md, step 7)."""
+    values = F.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False, antialias=True)[:, 0]
+    return values > threshold
+
+
+def sam_like(n: int, h: int, w: int, seed: int) -> torch.Tensor:
+    logits = blobs(n, h, w, seed)
+    logits[2] = 1.0 + torch.rand(h, w, generator=torch.Generator().manual_seed(seed))  # positive everywhere
+    logits[3, :, : w // 2 + 1] = 2.0  # a half-plane
+    return logits
 
 
 @pytest.mark.parametrize("src,dst", SIZES)
-@pytest.mark.parametrize("threshold", [0.0, 0.7])
-def test_cropped_and_dense_schedules_give_the_same_masks(src, dst, threshold):
-    logits = blobs(12, *src, seed=1)
-    dense = upsample_masks(logits, dst, threshold, schedule="dense", chunk=5)
-    cropped = upsample_masks(logits, dst, threshold, schedule="cropped")
-    assert dense.dtype == torch.bool and dense.shape == (12, *dst)
-    assert torch.equal(dense, cropped)
-    assert not dense[0].any()
-    # and with torch's own resize: identical except where the value is within rounding of the threshold
-    values = F.interpolate(logits[:, None], size=dst, mode="bilinear", align_corners=False)[:, 0]
-    differ = dense != (values > threshold)
-    assert (values[differ] - threshold).abs().le(1e-5).all()
+def test_masks_are_the_bits_of_torchs_antialiased_call(src, dst):
+    logits = sam_like(12, *src, seed=1)
+    want = reference(logits, dst)
+    for masks in (upsample_masks(logits, dst, schedule="dense", chunk=5),
+                  upsample_masks(logits, dst, schedule="cropped"),
+                  upsample_masks(logits, dst, schedule="cropped", chunk_values=1)):  # one mask per group
+        assert masks.dtype == torch.bool and masks.shape == (12, *dst)
+        assert torch.equal(masks, want)
+    assert not want[0].any() and want[2].all()
 
 
-def test_windows_contain_every_true_pixel_and_are_tight_to_a_cell():
-    logits = blobs(30, 64, 64, seed=2)
-    size = (200, 130)
-    masks = upsample_masks(logits, size, 0.0, schedule="dense")
+_OTHER_KERNEL = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_upsampling import SIZES, reference, sam_like
+from refseg.upsampling import upsample_masks
+for src, dst in SIZES:
+    logits = sam_like(12, *src, seed=7)
+    assert torch.equal(upsample_masks(logits, dst, schedule="cropped"), reference(logits, dst)), (src, dst)
+print(torch.backends.cpu.get_cpu_capability())
+"""
+
+
+def test_bits_hold_on_torchs_baseline_cpu_kernel():
+    """Torch compiles its CPU kernels per vector unit (baseline, AVX2, AVX-512), and the vector builds
+    may fuse multiply-adds: the same bits under the baseline kernel as under the one this CPU picks."""
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    code = _OTHER_KERNEL.format(tests=str(Path(__file__).parent))
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-1] == "DEFAULT"
+
+
+@pytest.mark.parametrize("threshold", [0.7, -0.3])
+def test_other_thresholds_agree_with_torch_up_to_rounding(threshold):
+    """The window bound holds up to the rounding of the filter's weight sum away from threshold 0."""
+    logits = sam_like(12, 256, 256, seed=2)
+    values = F.interpolate(logits[:, None], size=(300, 410), mode="bilinear", align_corners=False,
+                           antialias=True)[:, 0]
+    for schedule in ("dense", "cropped"):
+        differ = upsample_masks(logits, (300, 410), threshold, schedule=schedule) != (values > threshold)
+        # a few float32 steps of values of this size (|logits| <= 30)
+        assert (values[differ] - threshold).abs().le(64 * torch.finfo(torch.float32).eps * 30).all()
+
+
+def test_filter_taps():
+    first, last = filter_taps(256, 640)  # enlarging: two neighbouring cells (or one at the borders)
+    assert (last - first).le(1).all() and first[0] == 0 and last[-1] == 255
+    first, last = filter_taps(256, 100)  # shrinking: the filter widens to about 2 * 256 / 100 cells
+    assert (last - first).max() >= 4 and (last - first).max() <= 6
+    first, last = filter_taps(256, 256)
+    assert torch.equal(first, torch.arange(256)) and torch.equal(last, torch.arange(256))
+    for taps in (filter_taps(256, 37), filter_taps(7, 1000)):
+        assert all((t[1:] >= t[:-1]).all() for t in taps)
+
+
+@pytest.mark.parametrize("size", [(200, 130), (90, 60), (700, 3)])
+def test_windows_contain_every_true_pixel(size):
+    logits = sam_like(30, 64, 64, seed=2)
+    masks = reference(logits, size)
     windows = output_windows(logits, size, 0.0)
     assert windows.shape == (30, 4) and windows[0].tolist() == [0, 0, 0, 0]
     for m, (y0, y1, x0, x1) in zip(masks, windows.tolist()):
         inside = torch.zeros_like(m)
         inside[y0:y1, x0:x1] = True
         assert not (m & ~inside).any()
+    enlarged = reference(logits, (200, 130))
+    for m, (y0, y1, x0, x1) in zip(enlarged, output_windows(logits, (200, 130), 0.0).tolist()):
         if m.any():  # at most one source cell (about 200/64 output pixels) of slack on each side
             rows, cols = m.any(1).nonzero().squeeze(1), m.any(0).nonzero().squeeze(1)
             assert rows[0] - y0 <= 4 and y1 - 1 - rows[-1] <= 4 and cols[0] - x0 <= 3 and x1 - 1 - cols[-1] <= 3
