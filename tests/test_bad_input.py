@@ -1,0 +1,178 @@
+"""Bad input gives one clear error naming the item, and the good items are still processed (issue 10).
+
+Huge images are faked with a real header declaring a huge size and almost no data,
+so nothing big is ever allocated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from refseg import ImageLoadError, load_image
+from refseg.cli import main
+from refseg.coco import load_references
+from refseg.images import MAX_PIXELS_ENV, LargeImageWarning, image_size, max_image_pixels
+from refseg.testing import make_synthetic_coco
+
+TOY = ["--encoder", "refseg.testing:ColorEncoder", "--device", "cpu", "--set", "proposal.image_size=256"]
+PROPOSER = ["--proposer", "refseg.testing:ColorRegionProposer"]
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header declares width x height RGB pixels, with a single tiny data chunk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def jpeg_header(path: Path, width: int, height: int) -> Path:
+    """A small real JPEG whose frame header (SOF0) is rewritten to declare width x height."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(buf, format="JPEG")
+    raw = bytearray(buf.getvalue())
+    sof = raw.index(b"\xff\xc0")
+    raw[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def small_png(path: Path, h: int = 30, w: int = 40) -> Path:
+    arr = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def bomb_warnings_without(records, name: str) -> list[str]:
+    return [str(w.message) for w in records
+            if issubclass(w.category, Image.DecompressionBombWarning) and name not in str(w.message)]
+
+
+# ---------------------------------------------------------------------------- images: pixel limit, empty files
+
+
+def test_image_over_the_pixel_limit_is_a_load_error_naming_the_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    assert max_image_pixels() == 2 * pil_limit  # the default is PIL's hard limit
+    for path in (png_header(tmp_path / "huge.png", 14000, 13000), jpeg_header(tmp_path / "huge.jpg", 14000, 13000)):
+        with pytest.raises(ImageLoadError, match=rf"{path.name}: it is 14000x13000 = 182,000,000 pixels, over the "
+                                                 rf"limit of 178,956,970 \(set {MAX_PIXELS_ENV}"):
+            load_image(path)
+        with pytest.raises(ImageLoadError, match=path.name):
+            image_size(path)
+    assert Image.MAX_IMAGE_PIXELS == pil_limit
+
+
+def test_large_image_warning_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
+    # 100 MP: over PIL's warning limit, under its error; image_size reads a JPEG's header only
+    path = jpeg_header(tmp_path / "large.jpg", 10000, 10000)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        assert image_size(path) == (10000, 10000)
+    ours = [w for w in records if issubclass(w.category, LargeImageWarning)]
+    assert len(ours) == 1 and "large.jpg: large image, 10000x10000" in str(ours[0].message)
+    assert issubclass(LargeImageWarning, Image.DecompressionBombWarning)  # filters on PIL's warning still apply
+    assert not bomb_warnings_without(records, "large.jpg")  # PIL's own warning (no file name) is not shown
+
+
+def test_pixel_limit_setting(tmp_path, monkeypatch):
+    path = small_png(tmp_path / "small.png")  # 1200 pixels
+    monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        want = load_image(path)
+    with Image.open(path) as im:
+        assert np.array_equal(want, np.asarray(im.convert("RGB")))  # under the limit: PIL's full decode
+
+    monkeypatch.setenv(MAX_PIXELS_ENV, "1000")
+    with pytest.raises(ImageLoadError, match=r"small.png: it is 40x30 = 1,200 pixels, over the limit of 1,000"):
+        load_image(path)
+    assert np.array_equal(load_image(path, max_pixels=None), want)  # the argument wins over the setting
+    monkeypatch.setenv(MAX_PIXELS_ENV, "2_000")
+    with pytest.warns(LargeImageWarning, match="small.png"):
+        assert np.array_equal(load_image(path), want)  # over half the limit: read, with a warning
+    with pytest.raises(ImageLoadError, match="over the limit of 1,199"):
+        load_image(path, max_pixels=1199)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "none")
+    assert max_image_pixels() is None
+    for bad in ("abc", "-5", "0", "1.5"):
+        monkeypatch.setenv(MAX_PIXELS_ENV, bad)
+        with pytest.raises(ValueError, match=MAX_PIXELS_ENV):
+            load_image(path)
+    with pytest.raises(ValueError, match="max_pixels"):
+        load_image(path, max_pixels=0)
+
+
+def test_a_limit_above_pils_own_is_honoured(tmp_path, monkeypatch):
+    path = jpeg_header(tmp_path / "huge.jpg", 14000, 13000)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "400000000")
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert image_size(path) == (13000, 14000)  # header only: nothing decoded
+    assert Image.MAX_IMAGE_PIXELS == pil_limit  # PIL's limit lifted for that call only
+    monkeypatch.setenv(MAX_PIXELS_ENV, "none")
+    assert image_size(path) == (13000, 14000)
+
+
+def test_empty_file_says_so(tmp_path):
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    with pytest.raises(ImageLoadError, match=r"empty.jpg: empty file \(0 bytes\)"):
+        load_image(empty)
+    with pytest.raises(ImageLoadError, match="empty.jpg: empty file"):
+        image_size(empty)
+
+
+def test_bad_reference_images_are_skipped_naming_them_and_the_others_used(tmp_path, monkeypatch):
+    monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
+    small_png(tmp_path / "ok.png")
+    png_header(tmp_path / "huge.png", 14000, 13000)
+    (tmp_path / "empty.png").write_bytes(b"")
+    images = [("ok.png", 40, 30), ("huge.png", 14000, 13000), ("empty.png", 40, 30)]
+    coco = {"images": [{"id": i + 1, "file_name": f, "width": w, "height": h} for i, (f, w, h) in enumerate(images)],
+            "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [2, 2, 10, 10],
+                             "segmentation": [[2, 2, 12, 2, 12, 12, 2, 12]]} for i in range(3)],
+            "categories": [{"id": 1, "name": "thing"}]}
+    refs = load_references(coco, tmp_path)
+    assert [r.source["image"] for r in refs] == ["ok.png"]
+    reasons = {s["image"]: reason for s, _, reason in refs.skipped}
+    assert "huge.png" in reasons["huge.png"] and "over the limit" in reasons["huge.png"]
+    assert "empty.png: empty file" in reasons["empty.png"]
+
+
+def test_predict_records_a_huge_image_as_failed_and_labels_the_others(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
+    train_images, train_json = make_synthetic_coco(tmp_path / "train", n_images=3, seed=1)
+    val_images, _ = make_synthetic_coco(tmp_path / "val", n_images=2, seed=2)
+    png_header(val_images / "zz_huge.png", 14000, 13000)
+    (val_images / "zz_empty.png").write_bytes(b"")
+    bank = tmp_path / "bank.safetensors"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["build-bank", "--references", str(train_json), "--images", str(train_images), "--out", str(bank),
+                     *PROPOSER, *TOY]) == 0
+    capsys.readouterr()
+    out = tmp_path / "results.json"
+    assert main(["predict", "--bank", str(bank), "--images", str(val_images), "--out", str(out), "--quiet",
+                 *PROPOSER, *TOY]) == 0
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert "zz_huge.png" in text and "over the limit" in text and "zz_empty.png" in text and "empty file" in text
+    images = {d["id"]: d["file_name"] for d in json.loads((tmp_path / "results.images.json").read_text())}
+    labelled = {images[r["image_id"]] for r in json.loads(out.read_text())}
+    assert labelled == {p.name for p in val_images.glob("*.png")} - {"zz_huge.png", "zz_empty.png"}
