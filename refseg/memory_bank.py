@@ -6,11 +6,15 @@ can be added or removed without re-encoding anything. Negative references
 
 On disk: one safetensors file whose JSON header (safetensors metadata, key
 ``refseg``) holds the format version, class names, encoder settings and each
-reference's provenance. Loading never unpickles anything.
+reference's provenance, and the SHA-256 of the embedding tensor's bytes
+(``embeddings_sha256``). Loading never unpickles anything; it checks the checksum
+(banks written before it existed have none and load without that check) and that
+every embedding is finite, and refuses a damaged bank naming the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -24,6 +28,13 @@ from safetensors.torch import save_file
 
 FORMAT_VERSION = 1
 _HEADER_KEY = "refseg"
+_CHECKSUM_KEY = "embeddings_sha256"  # in the JSON header; absent from banks written before it existed
+
+
+def _tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a CPU tensor's bytes as safetensors stores them (row-major, little-endian)."""
+    t = tensor.detach().to("cpu").contiguous()
+    return hashlib.sha256(t.numpy().tobytes() if t.numel() else b"").hexdigest()
 
 
 class BankError(ValueError):
@@ -165,21 +176,26 @@ class MemoryBank:
         """Write the bank to ``path`` (safetensors); atomic replace."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        emb = torch.stack(self._embeddings) if self._embeddings else torch.zeros(0, self.dim)
+        emb = (torch.stack(self._embeddings) if self._embeddings else torch.zeros(0, self.dim)).contiguous()
         header = {
             "format_version": FORMAT_VERSION,
             "class_names": self.class_names,
             "encoder": self.encoder_settings,
             "references": [e.to_dict() for e in self.entries],
+            _CHECKSUM_KEY: _tensor_sha256(emb),
         }
         tmp = path.with_name(path.name + ".tmp")
-        save_file({"embeddings": emb.contiguous()}, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
+        save_file({"embeddings": emb}, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
         os.replace(tmp, path)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike, encoder_settings: dict | None = None) -> "MemoryBank":
-        """Read a bank; with ``encoder_settings``, refuse one built for other features."""
+        """Read a bank; with ``encoder_settings``, refuse one built for other features.
+
+        A bank whose embeddings do not match the checksum in its header, or hold a
+        non-finite value, raises :class:`BankError` ("... is damaged ...; rebuild it").
+        """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"memory bank not found: {path}")
@@ -191,15 +207,36 @@ class MemoryBank:
             raise BankError(f"cannot read memory bank {path}: {exc}") from exc
         if _HEADER_KEY not in meta:
             raise BankError(f"{path} is a safetensors file but not a refseg memory bank (no '{_HEADER_KEY}' header)")
-        header = json.loads(meta[_HEADER_KEY])
+        damaged = f"memory bank {path} is damaged"
+        try:
+            header = json.loads(meta[_HEADER_KEY])
+        except ValueError as exc:
+            raise BankError(f"{damaged}: its header is not valid JSON ({exc}); rebuild it") from None
+        if not isinstance(header, dict):
+            raise BankError(f"{damaged}: its header is not a JSON object; rebuild it")
         version = header.get("format_version")
         if version != FORMAT_VERSION:
             raise BankError(f"{path}: bank format version {version} is not supported (expected {FORMAT_VERSION})")
-        bank = cls(header["encoder"], header["class_names"])
-        bank.entries = [ReferenceEntry.from_dict(d) for d in header["references"]]
-        if emb.shape[0] != len(bank.entries):
-            raise BankError(f"{path}: {emb.shape[0]} embeddings but {len(bank.entries)} reference records")
-        bank._embeddings = list(emb.to(torch.float32).unbind(0))
+        expected = header.get(_CHECKSUM_KEY)
+        if expected is not None and _tensor_sha256(emb) != expected:
+            raise BankError(f"{damaged}: checksum mismatch (the embeddings are not the bytes that were saved); "
+                            f"rebuild it")
+        try:
+            bank = cls(header["encoder"], header["class_names"])
+            bank.entries = [ReferenceEntry.from_dict(d) for d in header["references"]]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise BankError(f"{damaged}: its header lacks or garbles {exc}; rebuild it") from None
+        if emb.ndim != 2 or emb.shape[0] != len(bank.entries):
+            raise BankError(f"{path}: {emb.shape[0] if emb.ndim else 0} embeddings but {len(bank.entries)} "
+                            f"reference records")
+        emb = emb.to(torch.float32)
+        bad_rows = (~torch.isfinite(emb)).any(dim=1).nonzero().flatten().tolist()
+        if bad_rows:
+            shown = ", ".join(f"{bank.entries[i].id} ({bank.entries[i].class_name})" for i in bad_rows[:5])
+            more = f" and {len(bad_rows) - 5} more" if len(bad_rows) > 5 else ""
+            raise BankError(f"{damaged}: {len(bad_rows)} embedding(s) hold NaN or infinite values "
+                            f"(reference {shown}{more}); rebuild it")
+        bank._embeddings = list(emb.unbind(0))
         if encoder_settings is not None:
             bank.check_encoder(encoder_settings)
         return bank

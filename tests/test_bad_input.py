@@ -16,9 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 
-from refseg import ImageLoadError, load_image
+from refseg import BankError, ImageLoadError, MemoryBank, load_image
 from refseg.cli import main
 from refseg.coco import load_references
 from refseg.images import MAX_PIXELS_ENV, LargeImageWarning, image_size, max_image_pixels
@@ -176,3 +178,68 @@ def test_predict_records_a_huge_image_as_failed_and_labels_the_others(tmp_path, 
     images = {d["id"]: d["file_name"] for d in json.loads((tmp_path / "results.images.json").read_text())}
     labelled = {images[r["image_id"]] for r in json.loads(out.read_text())}
     assert labelled == {p.name for p in val_images.glob("*.png")} - {"zz_huge.png", "zz_empty.png"}
+
+
+# ---------------------------------------------------------------------------- memory bank integrity
+
+SETTINGS = {"name": "dinov2_vitl14", "input_size": 518, "patch_size": 14, "dim": 4}
+
+
+def _bank() -> MemoryBank:
+    bank = MemoryBank(SETTINGS)
+    bank.add("cat", torch.tensor([1.0, 2.0, 3.0, 4.0]), id="r1")
+    bank.add("dog", torch.tensor([0.5, 0, 2.0, 0]), id="r2")
+    return bank
+
+
+def _data_region(path: Path) -> tuple[int, int]:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    start, end = json.loads(raw[8:8 + n])["embeddings"]["data_offsets"]
+    return 8 + n + start, 8 + n + end
+
+
+def test_damaged_embeddings_are_refused_naming_the_file(tmp_path):
+    path = _bank().save(tmp_path / "bank.safetensors")
+    assert MemoryBank.load(path).counts() == {"cat": 1, "dog": 1}
+    start, end = _data_region(path)
+    raw = bytearray(path.read_bytes())
+    raw[start + 5] ^= 0x5A  # a few flipped bits in the tensor data
+    raw[end - 1] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BankError, match=r"memory bank .*bank.safetensors is damaged: checksum mismatch.*rebuild it"):
+        MemoryBank.load(path)
+
+
+def test_non_finite_embeddings_are_refused(tmp_path):
+    bank = _bank()
+    bank._embeddings[1] = torch.tensor([0.0, float("nan"), 1.0, 0.0])  # bypasses add()'s check
+    path = bank.save(tmp_path / "nan.safetensors")
+    with pytest.raises(BankError, match=r"nan.safetensors is damaged: 1 embedding\(s\) hold NaN .*r2 \(dog\)"):
+        MemoryBank.load(path)
+
+
+def test_banks_written_before_the_checksum_still_load(tmp_path):
+    header = {"format_version": 1, "class_names": ["cat"], "encoder": SETTINGS,
+              "references": [{"id": "r1", "class": "cat", "negative": False, "source": {}}]}
+    old = tmp_path / "old.safetensors"
+    save_file({"embeddings": torch.tensor([[1.0, 0, 0, 0]])}, str(old), metadata={"refseg": json.dumps(header)})
+    assert MemoryBank.load(old, SETTINGS).counts() == {"cat": 1}
+    save_file({"embeddings": torch.tensor([[float("inf"), 0, 0, 0]])}, str(old), metadata={"refseg": json.dumps(header)})
+    with pytest.raises(BankError, match="old.safetensors is damaged"):  # finiteness is still checked
+        MemoryBank.load(old)
+    bad_header = tmp_path / "badheader.safetensors"
+    save_file({"embeddings": torch.zeros(1, 4)}, str(bad_header), metadata={"refseg": "{not json"})
+    with pytest.raises(BankError, match="badheader.safetensors is damaged: its header is not valid JSON"):
+        MemoryBank.load(bad_header)
+
+
+def test_cli_refuses_a_damaged_bank(tmp_path, capsys):
+    path = _bank().save(tmp_path / "bank.safetensors")
+    start, _ = _data_region(path)
+    raw = bytearray(path.read_bytes())
+    raw[start] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert main(["predict", "--bank", str(path), "--images", str(tmp_path), "--out", str(tmp_path / "r.json"),
+                 *PROPOSER, *TOY]) == 2
+    assert "is damaged: checksum mismatch" in capsys.readouterr().err
