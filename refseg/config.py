@@ -3,15 +3,77 @@
 Every number of the published method lives here, nowhere else. A preset is a
 complete :class:`PipelineConfig`; change one field with :func:`dataclasses.replace`
 or :meth:`PipelineConfig.with_overrides`.
+
+Every setting is checked when a section is made (so also after ``replace``,
+``with_overrides`` and ``from_dict``): a value of the wrong type or outside its
+range raises :class:`ValueError` naming the setting (``merge.top_k``) and what it
+accepts. The ranges are in :data:`RULES`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# kind of value -> (test, words for the error message)
+_positive_int: tuple[Callable[[Any], bool], str] = (lambda v: _is_int(v) and v >= 1, "a positive integer (>= 1)")
+_flag = (lambda v: isinstance(v, bool), "true or false")
+_finite = (_is_number, "a finite number")
+
+# "section.field" -> (test, what it accepts). Checked by every section's __post_init__.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "reference.context_scale": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "reference.min_mask_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "proposal.image_size": _positive_int,
+    "proposal.points_per_side": _positive_int,
+    "proposal.prompt_batch_size": _positive_int,
+    # predicted IoUs lie in [0, 1]: 1 keeps nothing, a negative threshold keeps every proposal
+    "proposal.pred_iou_threshold": (lambda v: _is_number(v) and v <= 1, "a number <= 1 (IoU; negative: keep all)"),
+    "proposal.add_no_mem_embed": _flag,
+    "proposal.fast_decoder": _flag,
+    "match.mask_threshold": _finite,
+    "match.negative_margin": _finite,
+    "merge.nms_iou": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1] (IoU)"),
+    "merge.max_after_nms": _positive_int,
+    "merge.soft_merge": _flag,
+    "merge.top_k": _positive_int,
+    "merge.score_threshold": _finite,
+    "merge.merge_resolution": (lambda v: v is None or (_is_int(v) and v >= 1), "null or a positive integer"),
+    "output.paper_box": _flag,
+    "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+    "name": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _validate(obj: Any, section: str | None) -> None:
+    """Raise :class:`ValueError` for the first field of ``obj`` that breaks its rule in :data:`RULES`."""
+    for f in dataclasses.fields(obj):
+        key = f"{section}.{f.name}" if section else f.name
+        rule = RULES.get(key)
+        if rule is None:
+            continue
+        value = getattr(obj, f.name)
+        test, accepted = rule
+        if not test(value):
+            raise ValueError(f"setting {key} must be {accepted}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -20,6 +82,9 @@ class ReferenceConfig:
 
     context_scale: float = 1.2  # crop side = context_scale * max(box w, box h)
     min_mask_weight: float = 1e-6  # total soft-mask weight on the patch grid below this: reference unusable
+
+    def __post_init__(self) -> None:
+        _validate(self, "reference")
 
 
 @dataclass(frozen=True)
@@ -35,6 +100,9 @@ class ProposalConfig:
     # applied once per image (refseg.models.sam2_fast_decoder); the same function up to rounding.
     fast_decoder: bool = False
 
+    def __post_init__(self) -> None:
+        _validate(self, "proposal")
+
 
 @dataclass(frozen=True)
 class MatchConfig:
@@ -42,6 +110,9 @@ class MatchConfig:
 
     mask_threshold: float = 0.0  # logit threshold for the binary low-resolution mask
     negative_margin: float = 0.0  # a class is vetoed when a negative of it is closer than prototype + margin
+
+    def __post_init__(self) -> None:
+        _validate(self, "match")
 
 
 @dataclass(frozen=True)
@@ -54,6 +125,9 @@ class MergeConfig:
     top_k: int = 100  # detections kept per image
     score_threshold: float = 0.0  # detections scoring below this are dropped after merging (paper: none)
     merge_resolution: int | None = None  # None: IoS at full image resolution (paper); N: on an N x N grid
+
+    def __post_init__(self) -> None:
+        _validate(self, "merge")
 
 
 @dataclass(frozen=True)
@@ -70,6 +144,9 @@ class OutputConfig:
 
     paper_box: bool = False
 
+    def __post_init__(self) -> None:
+        _validate(self, "output")
+
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -83,6 +160,13 @@ class PipelineConfig:
     merge: MergeConfig = field(default_factory=MergeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     precision: Precision = "fp32"  # autocast dtype for the networks; paper mode is fp32
+
+    def __post_init__(self) -> None:
+        for name, kind in _SECTIONS.items():
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"setting {name} must be a {kind.__name__} (a section of settings), "
+                                 f"got {getattr(self, name)!r}")
+        _validate(self, None)
 
     def with_overrides(self, **overrides: Any) -> "PipelineConfig":
         """Return a copy with dotted overrides, e.g. ``{"merge.top_k": 50, "precision": "bf16"}``."""
@@ -98,37 +182,69 @@ class PipelineConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "PipelineConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        sections = {
-            "reference": ReferenceConfig,
-            "proposal": ProposalConfig,
-            "match": MatchConfig,
-            "merge": MergeConfig,
-            "output": OutputConfig,
-        }
         kwargs = {}
         for key, value in data.items():
-            if key in sections:
-                kwargs[key] = sections[key](**value)
+            if key in _SECTIONS:
+                kwargs[key] = _SECTIONS[key](**value)
             else:
                 kwargs[key] = value
         return cls(**kwargs)
 
 
-def _replace_dotted(obj: Any, path: list[str], value: Any) -> Any:
+_SECTIONS: dict[str, type] = {
+    "reference": ReferenceConfig,
+    "proposal": ProposalConfig,
+    "match": MatchConfig,
+    "merge": MergeConfig,
+    "output": OutputConfig,
+}
+
+_OPTIONAL_INTS = ("merge.merge_resolution",)  # None or an integer: text is read as an integer (or none/null)
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _parse_text(key: str, current: Any, text: str) -> Any:
+    """A setting given as text (``with_overrides(**{"merge.top_k": "50"})``), read as the type of its current value;
+    a value that does not read as that type is a :class:`ValueError` naming the setting."""
+    word = text.strip()
+    if isinstance(current, bool):
+        if word.lower() in _TRUE:
+            return True
+        if word.lower() in _FALSE:
+            return False
+        raise ValueError(f"setting {key} must be true or false, got {text!r}")
+    if isinstance(current, int) or (current is None and key in _OPTIONAL_INTS):
+        if key in _OPTIONAL_INTS and word.lower() in ("none", "null"):
+            return None
+        try:
+            return int(word)
+        except ValueError:
+            raise ValueError(f"setting {key} must be {RULES[key][1] if key in RULES else 'an integer'}, "
+                             f"got {text!r}") from None
+    if isinstance(current, float):
+        try:
+            return float(word)
+        except ValueError:
+            raise ValueError(f"setting {key} must be {RULES[key][1] if key in RULES else 'a number'}, "
+                             f"got {text!r}") from None
+    return text
+
+
+def _replace_dotted(obj: Any, path: list[str], value: Any, done: tuple[str, ...] = ()) -> Any:
     if not dataclasses.is_dataclass(obj):
-        raise KeyError(f"cannot set {'.'.join(path)!r}: not a settings section")
+        raise KeyError(f"cannot set {'.'.join(done + tuple(path))!r}: {'.'.join(done)} is not a settings section")
     names = {f.name: f for f in dataclasses.fields(obj)}
     head = path[0]
     if head not in names:
-        raise KeyError(f"unknown setting {head!r}; known: {', '.join(sorted(names))}")
+        where = f" in section {'.'.join(done)}" if done else ""
+        raise KeyError(f"unknown setting {head!r}{where}; known: {', '.join(sorted(names))}")
     if len(path) == 1:
         current = getattr(obj, head)
-        if isinstance(current, bool) and isinstance(value, str):
-            value = value.lower() in ("1", "true", "yes", "on")
-        elif isinstance(current, (int, float)) and not isinstance(current, bool) and isinstance(value, str):
-            value = type(current)(value)
+        if isinstance(value, str) and not isinstance(current, str):
+            value = _parse_text(".".join(done + (head,)), current, value)
         return dataclasses.replace(obj, **{head: value})
-    return dataclasses.replace(obj, **{head: _replace_dotted(getattr(obj, head), path[1:], value)})
+    return dataclasses.replace(obj, **{head: _replace_dotted(getattr(obj, head), path[1:], value, done + (head,))})
 
 
 # The paper's method with exact boxes: what a user labelling their own data gets.

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 from refseg import BankError, ImageLoadError, MemoryBank, load_image
 from refseg.cli import main
 from refseg.coco import load_references
+from refseg.config import DEFAULT, PRESETS, MergeConfig, PipelineConfig, ProposalConfig
 from refseg.images import MAX_PIXELS_ENV, LargeImageWarning, image_size, max_image_pixels
 from refseg.testing import make_synthetic_coco
 
@@ -243,3 +244,54 @@ def test_cli_refuses_a_damaged_bank(tmp_path, capsys):
     assert main(["predict", "--bank", str(path), "--images", str(tmp_path), "--out", str(tmp_path / "r.json"),
                  *PROPOSER, *TOY]) == 2
     assert "is damaged: checksum mismatch" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("merge.top_k", -5, r"merge.top_k must be a positive integer \(>= 1\), got -5"),
+    ("merge.top_k", "abc", r"merge.top_k must be a positive integer \(>= 1\), got 'abc'"),
+    ("merge.top_k", 2.5, "merge.top_k must be a positive integer"),
+    ("merge.max_after_nms", 0, "merge.max_after_nms must be a positive integer"),
+    ("merge.nms_iou", 1.5, r"merge.nms_iou must be a number in \[0, 1\]"),
+    ("merge.nms_iou", "high", r"merge.nms_iou must be a number in \[0, 1\] \(IoU\), got 'high'"),
+    ("merge.merge_resolution", 0, "merge.merge_resolution must be null or a positive integer"),
+    ("merge.merge_resolution", "abc", "merge.merge_resolution must be null or a positive integer, got 'abc'"),
+    ("merge.score_threshold", float("nan"), "merge.score_threshold must be a finite number"),
+    ("merge.soft_merge", "maybe", "merge.soft_merge must be true or false, got 'maybe'"),
+    ("proposal.points_per_side", 0, "proposal.points_per_side must be a positive integer"),
+    ("proposal.image_size", -1024, "proposal.image_size must be a positive integer"),
+    ("proposal.prompt_batch_size", "many", "proposal.prompt_batch_size must be a positive integer"),
+    ("proposal.pred_iou_threshold", 40, r"proposal.pred_iou_threshold must be a number <= 1"),
+    ("reference.context_scale", 0, "reference.context_scale must be a number > 0"),
+    ("reference.min_mask_weight", -1e-3, "reference.min_mask_weight must be a number >= 0"),
+    ("precision", "fp8", "precision must be one of fp32, bf16, fp16, got 'fp8'"),
+])
+def test_settings_out_of_range_are_refused_naming_them(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        DEFAULT.with_overrides(**{key: value})
+
+
+def test_settings_in_range_and_text_values_are_accepted():
+    for preset in PRESETS.values():
+        assert PipelineConfig.from_dict(preset.to_dict()) == preset
+    cfg = DEFAULT.with_overrides(**{"merge.top_k": "50", "merge.soft_merge": "off", "merge.merge_resolution": "128",
+                                    "merge.nms_iou": "1", "proposal.pred_iou_threshold": -1.0,
+                                    "merge.score_threshold": 0})
+    assert (cfg.merge.top_k, cfg.merge.soft_merge, cfg.merge.merge_resolution, cfg.merge.nms_iou) == (50, False, 128, 1.0)
+    assert cfg.with_overrides(**{"merge.merge_resolution": None}).merge.merge_resolution is None
+    assert PRESETS["fast"].with_overrides(**{"merge.merge_resolution": "none"}).merge.merge_resolution is None
+    with pytest.raises(ValueError, match="merge.top_k"):
+        MergeConfig(top_k=0)
+    with pytest.raises(ValueError, match="proposal.points_per_side"):
+        PipelineConfig.from_dict({**DEFAULT.to_dict(), "proposal": {**DEFAULT.to_dict()["proposal"],
+                                                                     "points_per_side": -1}})
+    assert ProposalConfig(pred_iou_threshold=1.0).pred_iou_threshold == 1.0  # keeps nothing, but allowed
+
+
+def test_cli_refuses_out_of_range_settings(tmp_path, capsys):
+    for value in ("-5", "abc"):
+        assert main(["predict", "--bank", str(_bank().save(tmp_path / "b.safetensors")), "--images", str(tmp_path),
+                     "--out", str(tmp_path / "r.json"), "--set", f"merge.top_k={value}", *PROPOSER, *TOY]) == 2
+        assert "bad --set: setting merge.top_k must be a positive integer" in capsys.readouterr().err
