@@ -17,6 +17,7 @@ import copy
 import difflib
 import io
 import json
+import math
 import os
 import random
 import warnings
@@ -68,8 +69,17 @@ def _read_json(source: str | os.PathLike, what: str):
         raise ValueError(f"{path} is not valid JSON: {exc}") from exc
 
 
-def read_coco(source: str | os.PathLike | dict) -> dict:
-    """A COCO dict from a path or a dict (returned as is); clear errors for missing or malformed files."""
+def read_coco(source: str | os.PathLike | dict, *, require_file_names: bool = False) -> dict:
+    """A COCO dict from a path or a dict (returned as is); clear errors for missing or malformed files.
+
+    The records are checked (:class:`ValueError` naming the file and the record):
+    every image has an integer ``id`` (no id twice), every annotation is an object
+    with an integer ``category_id`` and ``image_id`` (and a ``bbox`` of four numbers
+    when it has one), every category an integer ``id`` (no id twice) and a ``name``.
+    ``categories`` may be absent. With ``require_file_names`` every image must have a
+    ``file_name`` (target images); otherwise an image without one is only unusable
+    itself (see :func:`iter_references`).
+    """
     if isinstance(source, dict):
         data = source
         name = "COCO dict"
@@ -79,12 +89,137 @@ def read_coco(source: str | os.PathLike | dict) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
             data.get("annotations", []), list):
         raise ValueError(f"{name} is not a COCO instances file (expected a dict with 'images' and 'annotations')")
+    _check_records(data, name, require_file_names)
     return data
 
 
+def target_images(coco: str | os.PathLike | dict) -> list[tuple[int, str]]:
+    """``(image id, file_name)`` of every image of a COCO file, in file order: the targets to label.
+
+    Every image needs an integer ``id`` (no id twice) and a ``file_name``; a file
+    without ``categories`` is fine. Errors are :class:`ValueError` naming the record.
+    """
+    data = read_coco(coco, require_file_names=True)
+    return [(int(_as_int(im["id"])), str(im["file_name"])) for im in data["images"]]  # type: ignore[arg-type]
+
+
+def _as_int(value) -> int | None:
+    """``value`` as a COCO id (an integer, an integral float or a string of digits), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def _fast_box(bbox) -> bool:
+    """A list of four finite numbers (quick check; ``False`` sends the record to the careful one)."""
+    try:
+        return type(bbox) is list and len(bbox) == 4 and math.isfinite(bbox[0] + bbox[1] + bbox[2] + bbox[3])
+    except TypeError:
+        return False
+
+
+def _kind(value) -> str:
+    return "null" if value is None else f"a {type(value).__name__}"
+
+
+def _duplicates(ids: list[int]) -> list[int]:
+    seen: set[int] = set()
+    dup: dict[int, None] = {}
+    for i in ids:
+        if i in seen:
+            dup[i] = None
+        seen.add(i)
+    return list(dup)
+
+
+def _shown(values: list, limit: int = 10) -> str:
+    return ", ".join(map(str, values[:limit])) + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+def _check_records(data: dict, name: str, require_file_names: bool = False) -> None:
+    """Raise :class:`ValueError` naming the first malformed record of a COCO dict (see :func:`read_coco`)."""
+    image_ids: list[int] = []
+    for i, im in enumerate(data["images"]):
+        if not isinstance(im, dict):
+            raise ValueError(f"{name}: images[{i}] is {_kind(im)}, not an image record")
+        file_name = im.get("file_name")
+        where = f"images[{i}]" + (f" (file_name {file_name!r})" if file_name else "")
+        if "id" not in im:
+            raise ValueError(f"{name}: {where} has no 'id'")
+        iid = _as_int(im["id"])
+        if iid is None:
+            raise ValueError(f"{name}: {where} has a non-integer id {im['id']!r}")
+        if file_name is not None and not isinstance(file_name, str):
+            raise ValueError(f"{name}: image {iid} ({where}) has a file_name that is {_kind(file_name)}, "
+                             f"not a string")
+        if require_file_names and not file_name:
+            raise ValueError(f"{name}: image {iid} ({where}) has no 'file_name'")
+        for key in ("width", "height"):
+            if im.get(key) is not None and not ((v := _as_int(im[key])) is not None and v >= 1):
+                raise ValueError(f"{name}: image {iid} ({where}) has a {key} that is not a positive integer: "
+                                 f"{im[key]!r}")
+        image_ids.append(iid)
+    dup = _duplicates(image_ids)
+    if dup:
+        raise ValueError(f"{name}: duplicate image id(s) {_shown(dup)} (each image needs its own id)")
+
+    for i, ann in enumerate(data.get("annotations", [])):
+        # fast path (every record of a well-formed file): plain ints and a list of four finite numbers
+        if type(ann) is dict and type(ann.get("category_id")) is int and type(ann.get("image_id")) is int:
+            bbox = ann.get("bbox")
+            if bbox is None or _fast_box(bbox):
+                continue
+        if not isinstance(ann, dict):
+            raise ValueError(f"{name}: annotations[{i}] is {_kind(ann)}, not an annotation record")
+        where = f"annotations[{i}]" + (f" (id {ann['id']})" if ann.get("id") is not None else "")
+        for key in ("category_id", "image_id"):
+            if key not in ann:
+                raise ValueError(f"{name}: {where} has no '{key}'")
+            if _as_int(ann[key]) is None:
+                raise ValueError(f"{name}: {where} has a non-integer {key} {ann[key]!r}")
+        bbox = ann.get("bbox")
+        if bbox is not None and bbox != [] and not (
+                isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+            raise ValueError(f"{name}: {where} has a bbox that is not four finite numbers [x, y, w, h]: {bbox!r}")
+
+    categories = data.get("categories", [])
+    if categories is None:
+        categories = []
+    if not isinstance(categories, list):
+        raise ValueError(f"{name}: 'categories' is {_kind(categories)}, not a list")
+    cat_ids: list[int] = []
+    for i, cat in enumerate(categories):
+        if not isinstance(cat, dict):
+            raise ValueError(f"{name}: categories[{i}] is {_kind(cat)}, not a category record")
+        label = cat.get("name")
+        where = f"categories[{i}]" + (f" (name {label!r})" if label is not None else "")
+        if "id" not in cat:
+            raise ValueError(f"{name}: {where} has no 'id'")
+        cid = _as_int(cat["id"])
+        if cid is None:
+            raise ValueError(f"{name}: {where} has a non-integer id {cat['id']!r}")
+        if label is None or not isinstance(label, (str, int, float)) or isinstance(label, bool) or str(label) == "":
+            raise ValueError(f"{name}: category {cid} ({where}) has no 'name'" if label is None else
+                             f"{name}: category {cid} ({where}) has an unusable name {label!r}")
+        cat_ids.append(cid)
+    dup = _duplicates(cat_ids)
+    if dup:
+        raise ValueError(f"{name}: duplicate category id(s) {_shown(dup)}")
+
+
 def category_names(coco: dict) -> dict[int, str]:
-    """Category id -> name."""
-    return {int(c["id"]): str(c["name"]) for c in coco.get("categories", [])}
+    """Category id -> name (an empty dict for a file without ``categories``)."""
+    return {int(c["id"]): str(c["name"]) for c in coco.get("categories") or []}
 
 
 def resolve_classes(spec: str | Sequence[str | int] | None, coco: dict) -> list[int] | None:
@@ -236,7 +371,7 @@ def sample_few_shot(coco: str | os.PathLike | dict, shots: int, seed: int = 33,
             if image_id not in seen:
                 seen.add(image_id)
                 out_images.append(copy.deepcopy(images[image_id]))
-    cats = {int(c["id"]): c for c in data.get("categories", [])}
+    cats = {int(c["id"]): c for c in data.get("categories") or []}
     out_categories = [copy.deepcopy(cats.get(cid, {"id": cid, "name": str(cid)})) for cid in selected]
     return {
         "info": {
@@ -366,20 +501,38 @@ def _coco_api(data: dict):
 
     api = COCO()
     api.dataset = copy.deepcopy(data)
-    api.dataset.setdefault("annotations", [])
-    api.dataset.setdefault("categories", [])
+    for key in ("annotations", "categories"):
+        if api.dataset.get(key) is None:
+            api.dataset[key] = []
     with contextlib.redirect_stdout(io.StringIO()):
         api.createIndex()
     return api
 
 
 def read_results(results: str | os.PathLike | list) -> list[dict]:
-    """COCO result records from a path or a list."""
+    """COCO result records from a path or a list.
+
+    Every record must be an object with an integer ``image_id`` and ``category_id``
+    and a finite ``score`` (:class:`ValueError` naming the record otherwise).
+    """
     if isinstance(results, list):
-        return results
-    data = _read_json(results, "results file")
-    if not isinstance(data, list):
-        raise ValueError(f"{Path(results)} is not a COCO results file (expected a JSON list of detections)")
+        data, name = results, "results list"
+    else:
+        data = _read_json(results, "results file")
+        name = str(Path(results))
+        if not isinstance(data, list):
+            raise ValueError(f"{name} is not a COCO results file (expected a JSON list of detections)")
+    for i, r in enumerate(data):
+        if not isinstance(r, dict):
+            raise ValueError(f"{name}: detection [{i}] is {_kind(r)}, not a result record")
+        for key in ("image_id", "category_id"):
+            if key not in r:
+                raise ValueError(f"{name}: detection [{i}] has no '{key}'")
+            if _as_int(r[key]) is None:
+                raise ValueError(f"{name}: detection [{i}] has a non-integer {key} {r[key]!r}")
+        if not _is_number(r.get("score")):
+            raise ValueError(f"{name}: detection [{i}] has no finite 'score'" if "score" not in r else
+                             f"{name}: detection [{i}] has a score that is not a finite number: {r['score']!r}")
     return data
 
 

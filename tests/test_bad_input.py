@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from refseg import BankError, ImageLoadError, MemoryBank, load_image
 from refseg.cli import main
-from refseg.coco import load_references
+from refseg.coco import evaluate, load_references, read_coco, read_results, target_images
 from refseg.config import DEFAULT, PRESETS, MergeConfig, PipelineConfig, ProposalConfig
 from refseg.images import MAX_PIXELS_ENV, LargeImageWarning, image_size, max_image_pixels
 from refseg.testing import make_synthetic_coco
@@ -179,6 +179,100 @@ def test_predict_records_a_huge_image_as_failed_and_labels_the_others(tmp_path, 
     images = {d["id"]: d["file_name"] for d in json.loads((tmp_path / "results.images.json").read_text())}
     labelled = {images[r["image_id"]] for r in json.loads(out.read_text())}
     assert labelled == {p.name for p in val_images.glob("*.png")} - {"zz_huge.png", "zz_empty.png"}
+
+
+# ---------------------------------------------------------------------------- COCO files
+
+
+def _coco() -> dict:
+    return {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30},
+                       {"id": 2, "file_name": "b.png", "width": 40, "height": 30}],
+            "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5]},
+                            {"id": 11, "image_id": 2, "category_id": 1, "bbox": [1, 1, 5, 5]}],
+            "categories": [{"id": 1, "name": "thing"}]}
+
+
+def _broken(change) -> dict:
+    data = _coco()
+    change(data)
+    return data
+
+
+BROKEN = {
+    "annotation without category_id": (lambda d: d["annotations"][1].pop("category_id"),
+                                       r"annotations\[1\] \(id 11\) has no 'category_id'"),
+    "non-integer category_id": (lambda d: d["annotations"][1].update(category_id="thing"),
+                                r"annotations\[1\] \(id 11\) has a non-integer category_id 'thing'"),
+    "annotation without image_id": (lambda d: d["annotations"][0].pop("image_id"),
+                                    r"annotations\[0\] \(id 10\) has no 'image_id'"),
+    "null annotation": (lambda d: d["annotations"].insert(1, None), r"annotations\[1\] is null"),
+    "bad bbox": (lambda d: d["annotations"][0].update(bbox=[1, "x", 2, 3]), r"annotations\[0\] \(id 10\) has a bbox"),
+    "image without id": (lambda d: d["images"][1].pop("id"), r"images\[1\] \(file_name 'b.png'\) has no 'id'"),
+    "null image": (lambda d: d["images"].append(None), r"images\[2\] is null"),
+    "duplicate image ids": (lambda d: d["images"].append({"id": 2, "file_name": "c.png"}),
+                            r"duplicate image id\(s\) 2"),
+    "category without name": (lambda d: d["categories"][0].pop("name"), r"category 1 \(categories\[0\]\) has no 'name'"),
+    "category without id": (lambda d: d["categories"][0].pop("id"), r"categories\[0\] \(name 'thing'\) has no 'id'"),
+    "bad width": (lambda d: d["images"][0].update(width="wide"), r"image 1 .* width that is not a positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN))
+def test_malformed_coco_records_are_named(case, tmp_path):
+    change, message = BROKEN[case]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_broken(change)))
+    with pytest.raises(ValueError, match=rf"bad.json: {message}"):
+        read_coco(path)
+    with pytest.raises(ValueError, match=message):
+        read_coco(_broken(change))
+
+
+def test_targets_need_file_names_but_not_categories(tmp_path):
+    data = _coco()
+    data.pop("categories")
+    assert read_coco(data) is data and target_images(data) == [(1, "a.png"), (2, "b.png")]
+    data["images"][1].pop("file_name")
+    read_coco(data)  # only the references of that image are unusable
+    with pytest.raises(ValueError, match=r"image 2 \(images\[1\]\) has no 'file_name'"):
+        target_images(data)
+
+
+def test_malformed_results_records_are_named(tmp_path):
+    good = {"image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.9}
+    assert read_results([good]) == [good]
+    for record, message in (({**good, "score": None}, r"detection \[1\] has a score"),
+                            ({k: v for k, v in good.items() if k != "image_id"}, r"detection \[1\] has no 'image_id'"),
+                            (None, r"detection \[1\] is null")):
+        path = tmp_path / "results.json"
+        path.write_text(json.dumps([good, record]))
+        with pytest.raises(ValueError, match=rf"results.json: {message}"):
+            read_results(path)
+        with pytest.raises(ValueError, match=message):
+            evaluate(_coco(), [good, record], verbose=False)
+
+
+@pytest.mark.parametrize("command", ["sample", "build-bank", "evaluate", "predict"])
+def test_cli_reports_malformed_coco_files_in_one_line(command, tmp_path, capsys):
+    data = _coco()
+    data["annotations"][1].pop("category_id")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    results = tmp_path / "results.json"
+    results.write_text("[]")
+    bank = tmp_path / "bank.safetensors"
+    b = MemoryBank({"name": "refseg.testing:ColorEncoder", "dim": 6})
+    b.add("thing", torch.ones(6))
+    b.save(bank)
+    argv = {"sample": ["sample", "--coco", str(bad), "--shots", "1", "--out", str(tmp_path / "refs.json")],
+            "build-bank": ["build-bank", "--references", str(bad), "--images", str(tmp_path), "--out", str(bank),
+                           *TOY],
+            "evaluate": ["evaluate", "--gt", str(bad), "--results", str(results)],
+            "predict": ["predict", "--bank", str(bank), "--coco", str(bad), "--images", str(tmp_path),
+                        "--out", str(results), *TOY]}[command]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.json: annotations[1] (id 11) has no 'category_id'" in err[0]
 
 
 # ---------------------------------------------------------------------------- memory bank integrity
