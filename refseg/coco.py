@@ -29,7 +29,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from .images import ImageLoadError, load_image
-from .references import Reference
+from .references import Reference, box_problem
 
 # The 20 PASCAL VOC classes under their COCO names (the COCO-FSOD "novel" classes).
 VOC_CLASSES: tuple[str, ...] = (
@@ -215,6 +215,39 @@ def _check_records(data: dict, name: str, require_file_names: bool = False) -> N
     dup = _duplicates(cat_ids)
     if dup:
         raise ValueError(f"{name}: duplicate category id(s) {_shown(dup)}")
+
+
+def box_prompts(coco: str | os.PathLike | dict, categories: str | Sequence[str | int] | None = None) -> list[dict]:
+    """The annotations :func:`iter_references` will hand over as box-only references (no segmentation, a usable
+    box: see :func:`refseg.references.box_problem`, with the image size the file gives), i.e. those that need
+    the proposal model. An empty list means building the bank needs no proposal model."""
+    data = read_coco(coco)
+    wanted = resolve_classes(categories, data)
+    images = {int(_as_int(im["id"])): im for im in data["images"]}  # type: ignore[arg-type]
+    out = []
+    for ann in data.get("annotations", []):
+        if wanted is not None and int(ann["category_id"]) not in wanted:
+            continue
+        if ann.get("segmentation"):
+            continue
+        info = images.get(int(ann["image_id"]))
+        if info is None or not info.get("file_name"):
+            continue
+        if _annotation_box_problem(ann, info) is None:
+            out.append(ann)
+    return out
+
+
+def _annotation_box_problem(ann: dict, info: dict | None, height: int | None = None,
+                            width: int | None = None) -> str | None:
+    """Why a box-only annotation's ``bbox`` (COCO xywh) cannot prompt a mask, or ``None``."""
+    bbox = ann.get("bbox")
+    if not bbox or len(bbox) != 4:
+        return "it has no bbox"
+    x, y, w, h = (float(v) for v in bbox)
+    if height is None and info is not None and info.get("height") is not None and info.get("width") is not None:
+        height, width = int(info["height"]), int(info["width"])
+    return box_problem((x, y, x + w, y + h), height, width)
 
 
 def category_names(coco: dict) -> dict[int, str]:
@@ -475,9 +508,12 @@ def iter_references(coco: str | os.PathLike | dict, image_dir: str | os.PathLike
             if bbox and len(bbox) == 4:
                 x, y, bw, bh = (float(v) for v in bbox)
                 box = (x, y, x + bw, y + bh)
-            if mask is None and (box is None or box[2] <= box[0] or box[3] <= box[1]):
-                skipped.append((source, class_name, "annotation has neither a segmentation nor a usable box"))
-                continue
+            if mask is None:
+                problem = _annotation_box_problem(ann, info, h, w)
+                if problem is not None:
+                    skipped.append((source, class_name, f"annotation has no segmentation and no usable box: "
+                                                        f"{problem}"))
+                    continue
             yield Reference(image=rgb, class_name=class_name, mask=mask, box=box, source=source)
 
 

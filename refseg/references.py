@@ -58,6 +58,27 @@ def crop_window(box: Sequence[float], height: int, width: int, context_scale: fl
     return left, top, max(right, left + 1), max(bottom, top + 1)
 
 
+def box_problem(box: Sequence[float] | None, height: int | None = None, width: int | None = None) -> str | None:
+    """Why ``box`` (xyxy pixels) cannot prompt a mask, or ``None`` when it can.
+
+    Checked: four finite numbers, positive width and height, and (given the image
+    size) some overlap with the image. Cheap, so callers check it before loading or
+    running the proposal model.
+    """
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return f"box {box!r} is not four numbers (x1, y1, x2, y2)"
+    if not all(np.isfinite(v) for v in (x1, y1, x2, y2)):
+        return f"box {[x1, y1, x2, y2]} holds a non-finite value"
+    if x2 <= x1 or y2 <= y1:
+        return (f"box {[x1, y1, x2, y2]} (xyxy) has zero or negative area "
+                f"({x2 - x1:g} wide, {y2 - y1:g} high)")
+    if height is not None and width is not None and (x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height):
+        return f"box {[x1, y1, x2, y2]} (xyxy) lies outside the {width}x{height} image"
+    return None
+
+
 def mask_to_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     """Tight xyxy box (exclusive end) of a non-empty mask."""
     ys, xs = np.nonzero(mask)
@@ -101,6 +122,9 @@ class ReferenceEncoder:
         if mask is None:
             if ref.box is None:
                 raise UnusableReference("reference has neither a mask nor a box")
+            problem = box_problem(ref.box, h, w)  # before the proposal model is asked for a mask
+            if problem is not None:
+                raise UnusableReference(f"unusable box: {problem}")
             mask = self.mask_from_box(ref.image, ref.box)
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != (h, w):

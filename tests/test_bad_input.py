@@ -22,10 +22,11 @@ from safetensors.torch import save_file
 
 from refseg import BankError, ImageLoadError, MemoryBank, load_image
 from refseg.cli import main
-from refseg.coco import evaluate, load_references, read_coco, read_results, target_images
+from refseg.coco import box_prompts, evaluate, load_references, read_coco, read_results, target_images
 from refseg.config import DEFAULT, PRESETS, MergeConfig, PipelineConfig, ProposalConfig
 from refseg.images import MAX_PIXELS_ENV, LargeImageWarning, image_size, max_image_pixels
-from refseg.testing import make_synthetic_coco
+from refseg.references import Reference, ReferenceEncoder, box_problem
+from refseg.testing import PALETTE, ColorEncoder, make_synthetic_coco
 
 TOY = ["--encoder", "refseg.testing:ColorEncoder", "--device", "cpu", "--set", "proposal.image_size=256"]
 PROPOSER = ["--proposer", "refseg.testing:ColorRegionProposer"]
@@ -389,3 +390,53 @@ def test_cli_refuses_out_of_range_settings(tmp_path, capsys):
         assert main(["predict", "--bank", str(_bank().save(tmp_path / "b.safetensors")), "--images", str(tmp_path),
                      "--out", str(tmp_path / "r.json"), "--set", f"merge.top_k={value}", *PROPOSER, *TOY]) == 2
         assert "bad --set: setting merge.top_k must be a positive integer" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- box-only references
+
+
+class NoProposer:
+    """Fails the test if asked for a mask: box checks must come first."""
+
+    device = torch.device("cpu")
+    calls = 0
+
+    def masks_from_boxes(self, image, boxes):
+        NoProposer.calls += 1
+        raise AssertionError("the proposal model was asked for a mask from an unusable box")
+
+
+def test_unusable_boxes_are_reported_before_the_proposal_model_is_asked():
+    img = np.full((40, 40, 3), PALETTE["background"], np.uint8)
+    good = np.zeros((40, 40), bool)
+    good[10:30, 10:30] = True
+    refs = [Reference(img, "a", box=(10, 10, 10, 30), source={"id": 1}),  # zero width
+            Reference(img, "b", box=(20, 20, 5, 30), source={"id": 2}),  # negative width
+            Reference(img, "c", box=(50, 50, 60, 60), source={"id": 3}),  # outside the 40x40 image
+            Reference(img, "d", box=(0, float("nan"), 5, 5), source={"id": 4}),
+            Reference(img, "e", mask=good, source={"id": 5})]
+    encoder = ReferenceEncoder(ColorEncoder(input_size=56, patch_size=14), proposer=NoProposer(),
+                               proposal_image_size=64)
+    bank, report = encoder.build_bank(refs)
+    assert NoProposer.calls == 0 and report.used == {"e": 1}
+    reasons = {src["id"]: reason for src, _, reason in report.skipped}
+    assert "zero or negative area (0 wide, 20 high)" in reasons[1] and reasons[1].startswith("unusable box")
+    assert "zero or negative area (-15 wide" in reasons[2]
+    assert "outside the 40x40 image" in reasons[3] and "non-finite" in reasons[4]
+    assert box_problem((0, 0, 5, 5), 40, 40) is None and box_problem((-5, -5, 1, 1), 40, 40) is None
+
+
+def test_coco_box_prompts_and_skip_reasons(tmp_path):
+    small_png(tmp_path / "a.png")
+    data = {"images": [{"id": 1, "file_name": "a.png", "width": 40, "height": 30}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 10]},  # zero width
+                            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [45, 5, 10, 10]},  # right of the image
+                            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10]},  # fine
+                            {"id": 4, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10],
+                             "segmentation": [[5, 5, 15, 5, 15, 15, 5, 15]]}],  # has a mask
+            "categories": [{"id": 1, "name": "thing"}]}
+    assert [a["id"] for a in box_prompts(data)] == [3]  # the only one that needs the proposal model
+    refs = load_references(data, tmp_path)
+    assert [r.source["annotation_id"] for r in refs] == [3, 4]
+    reasons = {s["annotation_id"]: reason for s, _, reason in refs.skipped}
+    assert "zero or negative area" in reasons[1] and "outside the 40x30 image" in reasons[2]
