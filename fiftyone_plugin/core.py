@@ -40,6 +40,7 @@ from refseg import ImageLoadError, MemoryBank, Reference, ReferenceEncoder, Segm
 from refseg.candidate_cache import CandidateCache
 from refseg.config import PipelineConfig, get_preset
 from refseg.devices import select_device
+from refseg.identity import identity_key
 from refseg.images import image_size
 from refseg.plugins import build_encoder, build_proposer
 from refseg.prefetch import read_ahead
@@ -317,7 +318,17 @@ def _bank_file(dataset: fo.Dataset, record: dict, bank_name: str) -> Path:
 def load_bank(dataset: fo.Dataset, bank_name: str) -> tuple[MemoryBank, dict]:
     """The bank and its record."""
     record = bank_record(dataset, bank_name)
-    return MemoryBank.load(_bank_file(dataset, record, bank_name)), record
+    path = _bank_file(dataset, record, bank_name)
+    if not path.exists():
+        raise FileNotFoundError(f"the file of memory bank {bank_name!r} of dataset {dataset.name!r} is missing: "
+                                f"{path}; build the bank again with build_memory_bank")
+    recorded = record.get("digest")
+    if recorded and _file_digest(path) != recorded:
+        raise ValueError(f"the file of memory bank {bank_name!r} ({path}) is not the one recorded for dataset "
+                         f"{dataset.name!r}: it was changed or replaced since the bank was built or updated (sha256 "
+                         f"{recorded[:12]}... recorded). Labelling with it could mix another bank's classes into "
+                         "this dataset: build the bank again with build_memory_bank")
+    return MemoryBank.load(path), record
 
 
 def _file_digest(path: Path) -> str:
@@ -588,10 +599,10 @@ def update_memory_bank_from_review(samples, *, bank_name: str = DEFAULT_BANK,
 # ---------------------------------------------------------------------------- labelling
 
 
-def run_key(record: dict, models: ModelSettings, config: PipelineConfig) -> str:
-    """Identity of a labelling run: the bank's content, the models and every setting."""
-    payload = {"bank_digest": record.get("digest"), "models": models.to_dict(), "config": config.to_dict()}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def run_key(segmenter) -> str:
+    """Identity of a labelling run: the models with their weights' content, the bank's content and every
+    setting (:mod:`refseg.identity`), as a short hash stored on every sample it labels."""
+    return identity_key(segmenter.identity())
 
 
 def _write_labels(sample, label_field: str, labels: fo.Detections) -> None:
@@ -734,10 +745,47 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
         merged.update(dict(extra_overrides))
         models = models.updated(preset=preset, overrides=merged)
     config = models.pipeline_config()
-    key = run_key(record, models, config)
     _ensure_output_field(dataset, label_field)
-
     targets = _targets(samples, reference_tag)
+
+    # the run's identity needs the models (their weights' content): build them first
+    segmenter = cache = None
+    if device_list is not None:
+        from refseg.device_pool import DevicePool
+
+        used_devices = device_list  # one worker process per device, each with its own proposer, encoder and bank
+        segmenter = DevicePool(segmenter_spec(dataset, bank_name, record, models, config), device_list,
+                               candidate_dir=_candidate_root(dataset) if cache_candidates else None)
+        cache = segmenter.cache
+    else:
+        device = resolve_device(device, dataset)
+        used_devices = [str(device)]
+        segmenter = Segmenter(load_proposer(models, device), load_encoder(models, device), bank, config)
+        if cache_candidates:
+            cache = CandidateCache.for_segmenter(_candidate_root(dataset), segmenter)
+    try:
+        report = yield from _label_targets(dataset, targets, segmenter, cache, label_field, bank_name, existing,
+                                           num_shards, shard_index, step=max(1, int(batch_size)) * len(used_devices))
+    finally:
+        if device_list is not None:
+            segmenter.close()
+    report = {
+        "bank": bank_name,
+        "label_field": label_field,
+        **report,
+        "shard": {"index": shard_index, "count": num_shards} if num_shards > 1 else None,
+        "devices": used_devices,
+        "cache": ({"path": str(cache.root), **{k: int(v) for k, v in cache.stats.items()}}
+                  if cache is not None else None),
+    }
+    _record_run(dataset, label_field, report)
+    return report
+
+
+def _label_targets(dataset: fo.Dataset, targets, segmenter, cache, label_field: str, bank_name: str, existing: str,
+                   num_shards: int, shard_index: int, step: int) -> Generator[Progress, None, dict]:
+    """Decide which targets this run labels (by its key, ``existing`` and the shard), then label them."""
+    key = run_key(segmenter)
     # each shard job computes its part from the ids alone: no coordination between the jobs
     n_targets = len(targets) if num_shards == 1 else len(shard_ids(targets, num_shards, shard_index))
 
@@ -756,45 +804,9 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
     else:
         ids = mine(targets.values("id"))
     done_before = n_targets - len(ids) - foreign
-
-    total = len(ids)
-    segmenter = cache = None
-    if device_list is not None:
-        used_devices = device_list
-        if total:  # one worker process per device, each with its own proposer, encoder and bank
-            from refseg.device_pool import DevicePool
-
-            segmenter = DevicePool(segmenter_spec(dataset, bank_name, record, models, config), device_list,
-                                   candidate_dir=_candidate_root(dataset) if cache_candidates else None)
-            cache = segmenter.cache
-    else:
-        device = resolve_device(device, dataset)
-        used_devices = [str(device)]
-        if total:
-            segmenter = Segmenter(load_proposer(models, device), load_encoder(models, device), bank, config)
-        if cache_candidates and segmenter is not None:
-            cache = CandidateCache.for_segmenter(_candidate_root(dataset), segmenter)
-    step = max(1, int(batch_size)) * len(used_devices)  # batch_size per device
-    try:
-        report = yield from _label_loop(dataset, ids, step, segmenter, cache, label_field, key, bank_name)
-    finally:
-        if device_list is not None and segmenter is not None:
-            segmenter.close()
-    report = {
-        "bank": bank_name,
-        "label_field": label_field,
-        "run_key": key,
-        "num_targets": n_targets,
-        "num_already_done": done_before,
-        "num_foreign_skipped": foreign,
-        **report,
-        "shard": {"index": shard_index, "count": num_shards} if num_shards > 1 else None,
-        "devices": used_devices,
-        "cache": ({"path": str(cache.root), **{k: int(v) for k, v in cache.stats.items()}}
-                  if cache is not None else None),
-    }
-    _record_run(dataset, label_field, report)
-    return report
+    report = yield from _label_loop(dataset, ids, step, segmenter, cache, label_field, key, bank_name)
+    return {"run_key": key, "num_targets": n_targets, "num_already_done": done_before,
+            "num_foreign_skipped": foreign, **report}
 
 
 def _label_loop(dataset: fo.Dataset, ids: list[str], step: int, segmenter, cache, label_field: str, key: str,

@@ -80,6 +80,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
+from .identity import component_identity, identity_key
+
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import Candidates, Segmenter
 
@@ -104,47 +106,13 @@ class CacheMismatchError(CacheError, ValueError):
 
 
 # ---------------------------------------------------------------------------- identity
-def _module_fingerprint(model: torch.nn.Module, samples: int = 256) -> str:
-    """Hash of every parameter's and buffer's name, shape, dtype and ``samples`` evenly strided values.
-
-    Milliseconds even for SAM2-L, the same on any device (values are read, never
-    reduced), and another checkpoint, a fine-tune of any part or another random
-    initialisation changes it. (A change confined to a few unsampled elements would not.)
-    """
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            flat = t.detach().reshape(-1)
-            digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            if flat.numel():
-                step = max(1, flat.numel() // samples)
-                digest.update(flat[::step][:samples].to("cpu", torch.float64).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def proposer_identity(proposer: Any) -> dict:
-    """JSON-able identity of a proposal generator: class, name, its own settings/config, weights."""
-    cls = type(proposer)
-    out: dict[str, Any] = {"class": f"{cls.__module__}.{cls.__qualname__}", "name": getattr(proposer, "name", None)}
-    settings = getattr(proposer, "settings", None)
-    if callable(settings):
-        out["settings"] = settings()
-    config = getattr(proposer, "config", None)
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        out["config"] = dataclasses.asdict(config)
-    model = getattr(proposer, "model", None)
-    if isinstance(model, torch.nn.Module):
-        out["weights"] = _module_fingerprint(model)
-    return _jsonable(out)
-
-
 def stage1_settings(segmenter: "Segmenter") -> dict:
     """Everything that determines a segmenter's :class:`Candidates` for a given image."""
     cfg = segmenter.config
     return _jsonable({
         "stage1_version": STAGE1_VERSION,
-        "proposer": proposer_identity(segmenter.proposer),
-        "encoder": segmenter.encoder.settings(),
+        "proposer": component_identity(segmenter.proposer),
+        "encoder": component_identity(segmenter.encoder),
         "proposal": dataclasses.asdict(cfg.proposal),
         "precision": cfg.precision,
         "mask_threshold": float(cfg.match.mask_threshold),
@@ -153,7 +121,7 @@ def stage1_settings(segmenter: "Segmenter") -> dict:
 
 def settings_hash(settings: dict) -> str:
     """Short stable hash of a settings dict (e.g. to name one cache directory per settings)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return identity_key(settings)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 
 from .candidate_cache import CandidateCache
 from .config import PipelineConfig
+from .identity import describe_difference
 from .memory_bank import MemoryBank
 from .pipeline import PreparedImage, cache_key
 from .results import Detections, masks_to_boxes
@@ -105,11 +106,8 @@ def _worker(spec: SegmenterSpec, device: str, threads: int, candidate_dir: str |
             torch.set_num_threads(threads)
         seg = spec.build(device)
         cache = CandidateCache.for_segmenter(candidate_dir, seg) if candidate_dir is not None else None
-        proposer_settings = getattr(seg.proposer, "settings", None)
         results.put(("ready", device, {
-            "proposer": getattr(seg.proposer, "name", type(seg.proposer).__name__),
-            "proposer_settings": proposer_settings() if callable(proposer_settings) else None,
-            "encoder": seg.encoder.settings(),
+            "identity": seg.identity(), "encoder": seg.encoder.settings(),
             "cache": None if cache is None else {"root": str(cache.root), "settings": cache.settings}}))
     except BaseException:
         results.put(("error", device, traceback.format_exc()))
@@ -140,15 +138,6 @@ def _read_entry(seg, cache, item: PreparedImage) -> PreparedImage:
 
 class WorkerError(RuntimeError):
     """A device worker failed; carries the worker's traceback."""
-
-
-class _ComponentInfo:
-    """A worker's component as the main process sees it: its name, and its settings where it has them."""
-
-    def __init__(self, name: str, settings: dict | None = None):
-        self.name = name
-        if settings is not None:
-            self.settings = lambda: dict(settings)
 
 
 class DevicePool:
@@ -191,9 +180,14 @@ class DevicePool:
         except BaseException:
             self.close()
             raise
-        self.proposer = _ComponentInfo(infos[0]["proposer"], infos[0]["proposer_settings"])
-        self.encoder = _ComponentInfo("encoder", infos[0]["encoder"])
         self.bank.check_encoder(infos[0]["encoder"])
+        identities = [info["identity"] for info in infos]
+        if any(other != identities[0] for other in identities[1:]):
+            self.close()
+            raise WorkerError("the device workers built different models (differs in: "
+                              f"{describe_difference(identities[0], next(o for o in identities if o != identities[0]))}): "
+                              "their results would be mixed")
+        self._identity = identities[0]
         self._next_job = 0
         self.cache = None  # the candidate cache the workers share, with candidate_dir
         if candidate_dir is not None:
@@ -203,6 +197,10 @@ class DevicePool:
                 raise WorkerError(f"the device workers disagree on their stage-1 settings ({sorted(roots)}): "
                                   "they would fill different candidate caches")
             self.cache = CandidateCache(infos[0]["cache"]["root"], infos[0]["cache"]["settings"])
+
+    def identity(self) -> dict:
+        """What determines the pool's results: its workers' :meth:`Segmenter.identity` (all the same)."""
+        return dict(self._identity)
 
     def _get(self, timeout: float):
         try:

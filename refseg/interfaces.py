@@ -52,6 +52,11 @@ class ProposalGenerator(Protocol):
 
     def masks_from_boxes(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor: ...
 
+    def settings(self) -> dict:
+        """JSON-able identity of the proposals (model, weights' content, settings): runs, caches and
+        resumed jobs compare it, so whatever changes the proposals must change it."""
+        ...
+
 
 @runtime_checkable
 class FeatureEncoder(Protocol):

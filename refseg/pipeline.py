@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .config import PAPER, PipelineConfig
+from .identity import component_identity, run_identity
 from .images import load_image
 from .interfaces import FeatureEncoder, ProposalGenerator
 from .matching import match_to_prototypes, pool_features
@@ -102,6 +103,11 @@ class Segmenter:
         self._prototypes = bank.prototypes()
         self._negatives, self._negative_labels = bank.embeddings(negative=True)
 
+    def identity(self) -> dict:
+        """What determines this segmenter's results (:func:`refseg.identity.run_identity`)."""
+        return run_identity(self.config, component_identity(self.proposer), component_identity(self.encoder),
+                            self.bank)
+
     # ------------------------------------------------------------------ stage 1
     def propose(self, images: Sequence[np.ndarray]) -> list[Candidates]:
         """Run the networks on RGB uint8 images: proposals and pooled features per image."""
@@ -158,7 +164,7 @@ class Segmenter:
             masks = full.cpu().numpy()
             return Detections(
                 masks=masks,
-                boxes=masks_to_boxes(masks, cfg.output.paper_box),
+                boxes=masks_to_boxes(masks, paper_box=False),  # exact; the paper box only in COCO results (to_coco)
                 scores=scores[best].float().cpu().numpy(),
                 labels=labels[best].cpu().numpy().astype(np.int64),
                 class_names=self.class_names,

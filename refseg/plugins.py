@@ -101,7 +101,7 @@ def build_proposer(
             ) from None
         obj = SAM2ProposalGenerator.from_name(spec, checkpoint=checkpoint, device=device, config=config,
                                               cache_dir=cache_dir, offline=offline, random_init=random_init)
-    _check(obj, ProposalGenerator, ("name", "device", "propose", "masks_from_boxes"), spec)
+    _check(obj, ProposalGenerator, ("name", "device", "propose", "masks_from_boxes", "settings"), spec)
     return obj
 
 

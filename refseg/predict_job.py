@@ -22,7 +22,7 @@ memory does not grow with the number of images (100 SAM-like detections of a
 from __future__ import annotations
 
 import contextlib
-import hashlib
+from collections import Counter
 import json
 import os
 import sys
@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 from .images import ImageLoadError
 from .pipeline import Segmenter
@@ -97,22 +96,11 @@ def list_images(folder: str | os.PathLike) -> list[tuple[int, str]]:
     return [(i + 1, name) for i, name in enumerate(names)]
 
 
-def run_fingerprint(segmenter: Segmenter, category_ids: dict[str, int] | list[int] | None) -> dict:
-    """What identifies a run's output: settings, models, bank contents and category ids."""
-    bank = segmenter.bank
-    digest = hashlib.sha256()
-    for tensor in (bank.prototypes(), bank.embeddings(negative=True)[0]):
-        digest.update(np.ascontiguousarray(tensor.numpy(), dtype=np.float32).tobytes())
-    proposer = segmenter.proposer
-    settings = getattr(proposer, "settings", None)
-    return {
-        "config": segmenter.config.to_dict(),
-        "proposer": settings() if callable(settings) else getattr(proposer, "name", type(proposer).__name__),
-        "encoder": segmenter.encoder.settings(),
-        "classes": list(segmenter.class_names),
-        "bank": digest.hexdigest()[:16],
-        "category_ids": category_ids if not isinstance(category_ids, dict) else dict(category_ids),
-    }
+def run_fingerprint(segmenter, category_ids: dict[str, int] | list[int] | None) -> dict:
+    """What identifies a run's output: the segmenter's identity (models with their weights' content,
+    bank content, settings; :mod:`refseg.identity`) and the category ids written."""
+    return {**segmenter.identity(),
+            "category_ids": category_ids if not isinstance(category_ids, dict) else dict(category_ids)}
 
 
 @dataclass
@@ -227,7 +215,9 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
     info = json.loads(json.dumps(run_info if run_info is not None else run_fingerprint(segmenter, category_ids)))
     ids = [int(i) for i, _ in targets]
     if len(set(ids)) != len(ids):
-        raise ValueError("duplicate image ids among the targets")
+        dup = sorted(i for i, n in Counter(ids).items() if n > 1)
+        raise ValueError(f"duplicate image ids among the targets: {', '.join(map(str, dup[:10]))}"
+                         + (f" and {len(dup) - 10} more" if len(dup) > 10 else ""))
     names = {int(i): str(p) for i, p in targets}
 
     places: dict[int, _Place] = {}

@@ -70,6 +70,9 @@ class ColorRegionProposer:
         self.logit_stride = logit_stride
         self.min_cells = min_cells
 
+    def settings(self) -> dict:
+        return {"name": self.name, "logit_stride": self.logit_stride, "min_cells": self.min_cells}
+
     def _quantise(self, image: torch.Tensor) -> torch.Tensor:
         """[3, S, S] -> [h, w] palette index per logit cell (by the cell's mean colour)."""
         cells = F.avg_pool2d(image[None], self.logit_stride)[0]  # [3, h, w]

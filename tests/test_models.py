@@ -576,6 +576,9 @@ class FakeProposer:
     def masks_from_boxes(self, image, boxes):
         return torch.zeros(len(boxes), self.size, self.size)
 
+    def settings(self):
+        return {"name": self.name, "size": self.size}
+
 
 class FakeEncoder:
     def __init__(self, input_size: int = 28, **kwargs):

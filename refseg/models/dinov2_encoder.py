@@ -20,7 +20,6 @@ settings, which differ from DINOv2's below 518 px.)
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from refseg.models.checkpoints import (
     load_torch_file,
     resolve_checkpoint,
 )
+from refseg.models.fingerprint import weights_fingerprint
 
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
@@ -190,21 +190,6 @@ def load_dinov2_weights(model: "VisionTransformer", variant: DINOv2Variant, path
     converted = convert_official_state_dict(raw, model, variant.interpolate_offset, variant.interpolate_antialias,
                                             source=path)
     load_state_dict_strict(model, converted, path, f"DINOv2 model {variant.name!r}")
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """Short hash of a few parameter tensors: tells apart banks built with different weights."""
-    params = dict(model.named_parameters())
-    last = len(model.blocks) - 1
-    names = ["patch_embed.proj.weight", "cls_token", "blocks.0.attn.qkv.weight",
-             f"blocks.{last}.mlp.fc2.weight", "norm.weight", "norm.bias"]
-    digest = hashlib.sha256()
-    for name in names:
-        tensor = params[name].detach().to("cpu", torch.float32).contiguous()
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 class DINOv2Encoder:

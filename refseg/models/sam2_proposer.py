@@ -12,6 +12,7 @@ prompts are decoded by :class:`~refseg.models.sam2_fast_decoder.FastMaskDecoder`
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -30,6 +31,7 @@ from refseg.models.checkpoints import (
     load_torch_file,
     resolve_checkpoint,
 )
+from refseg.models.fingerprint import weights_fingerprint
 
 if TYPE_CHECKING:
     from sam2.modeling.sam2_base import SAM2Base
@@ -178,6 +180,7 @@ class SAM2ProposalGenerator:
             from refseg.models.sam2_fast_decoder import FastMaskDecoder
 
             self._fast = FastMaskDecoder(model.sam_mask_decoder, model.sam_prompt_encoder)
+        self._fingerprint = weights_fingerprint(model)
 
     @classmethod
     def from_name(
@@ -207,6 +210,17 @@ class SAM2ProposalGenerator:
         return self.image_size // MASK_STRIDE
 
     # ------------------------------------------------------------------ encoder
+
+    def settings(self) -> dict:
+        """JSON-able identity of the proposals: the model, its weights' content and the proposal settings."""
+        return {
+            "proposer": "sam2",
+            "name": self.name,
+            "image_size": self.image_size,
+            "mask_size": self.mask_size,
+            "proposal": dataclasses.asdict(self.config),
+            "weights": self._fingerprint,
+        }
 
     def _check_images(self, images: torch.Tensor) -> torch.Tensor:
         s = self.image_size

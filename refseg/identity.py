@@ -1,0 +1,62 @@
+"""What identifies a labelling run's output, in one place.
+
+A run's results are determined by the proposal model and its weights, the feature encoder
+and its weights, the memory bank's content and every setting. :func:`run_identity` puts
+them in one JSON-able dict and :func:`identity_key` hashes it. A resumed ``refseg predict``
+refuses a progress file of another identity, the FiftyOne plugin relabels samples written
+under another identity, and the candidate cache files its entries under the stage-1 part
+of it, so a changed checkpoint, bank file or setting is never mixed into earlier results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+
+def bank_digest(bank) -> str:
+    """Hash of what a bank contributes to labelling: class names, prototypes and negatives."""
+    digest = hashlib.sha256(json.dumps(list(bank.class_names)).encode())
+    negatives, negative_labels = bank.embeddings(negative=True)
+    for tensor in (bank.prototypes(), negatives, negative_labels):
+        arr = np.ascontiguousarray(tensor.detach().cpu().numpy())
+        digest.update(f"{arr.dtype}{arr.shape}".encode())
+        digest.update(arr.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def component_identity(component) -> dict:
+    """A model wrapper's identity: its class and its ``settings()`` (which carry its weights' content)."""
+    cls = type(component)
+    return _jsonable({"class": f"{cls.__module__}.{cls.__qualname__}", **component.settings()})
+
+
+def run_identity(config, proposer: dict, encoder: dict, bank) -> dict:
+    """The identity of labelling with these models (their :func:`component_identity`), bank and config."""
+    return _jsonable({
+        "config": config.to_dict(),
+        "proposer": proposer,
+        "encoder": encoder,
+        "classes": list(bank.class_names),
+        "bank": bank_digest(bank),
+    })
+
+
+def identity_key(identity: dict) -> str:
+    """Short stable hash of an identity dict (or of any JSON-able settings)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def describe_difference(recorded: dict, current: dict) -> str:
+    """Which top-level parts of two identities differ, for messages ("proposer, bank")."""
+    keys = sorted(set(recorded) | set(current))
+    changed = [k for k in keys if recorded.get(k) != current.get(k)]
+    return ", ".join(changed) or "nothing"
+
+
+def _jsonable(obj: Any) -> Any:
+    """Round-trip through JSON so that comparisons with a loaded record are like for like."""
+    return json.loads(json.dumps(obj, default=str))
