@@ -139,7 +139,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_build_bank(args) -> int:
-    from .coco import category_names, iter_references, read_coco, resolve_classes
+    from .coco import box_prompts, category_names, iter_references, read_coco, resolve_classes
     from .memory_bank import BankError, MemoryBank
     from .references import BankReport, ReferenceEncoder
 
@@ -154,7 +154,7 @@ def cmd_build_bank(args) -> int:
     if not annotations:
         raise UsageError(f"{refs_path} holds no annotation" + (" of the selected classes" if wanted else ""))
     names = category_names(data)
-    box_only = sum(1 for a in annotations if not a.get("segmentation"))
+    box_only = len(box_prompts(data, wanted))  # box-only annotations whose box can prompt a mask
 
     if args.random_weights:
         _random_weights_banner()
@@ -217,7 +217,7 @@ def cmd_build_bank(args) -> int:
 
 def _category_ids(class_names: list[str], coco: dict | None) -> tuple[dict[str, int], list[dict]]:
     """Bank class -> COCO category id (by name from ``coco``, else 1..C in bank order), and the category list."""
-    if coco is None:
+    if coco is None or not coco.get("categories"):  # no categories to match: ids 1..C in bank order
         mapping = {c: i + 1 for i, c in enumerate(class_names)}
         return mapping, [{"id": i, "name": c} for c, i in mapping.items()]
     by_name = {str(c["name"]): int(c["id"]) for c in coco.get("categories", [])}
@@ -244,7 +244,7 @@ def _category_ids(class_names: list[str], coco: dict | None) -> tuple[dict[str, 
 
 
 def cmd_predict(args) -> int:
-    from .coco import read_coco
+    from .coco import read_coco, target_images
     from .memory_bank import MemoryBank
     from .pipeline import Segmenter
     from .device_pool import DevicePool, SegmenterSpec, local_devices
@@ -254,13 +254,13 @@ def cmd_predict(args) -> int:
     image_dir = _need_dir(args.images, "image folder")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    coco = read_coco(_need_file(args.coco, "targets' COCO file")) if args.coco else None
+    coco = read_coco(_need_file(args.coco, "targets' COCO file"), require_file_names=True) if args.coco else None
     cfg = _config(args)
     bank = MemoryBank.load(bank_path)
     bank.check_usable()
 
     if coco is not None:
-        targets = [(int(im["id"]), str(im["file_name"])) for im in coco["images"]]
+        targets = target_images(coco)
     else:
         targets = list_images(image_dir)
     if args.limit is not None:
@@ -356,7 +356,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_render(args) -> int:
-    from .coco import category_names, read_coco, read_results
+    from .coco import category_names, read_coco, read_results, target_images
     from .predict_job import sidecar_path
     from .visualize import render_coco_results
 
@@ -364,8 +364,8 @@ def cmd_render(args) -> int:
     results_path = _need_file(args.results, "results file")
     results = read_results(results_path)
     if args.gt:
-        gt = read_coco(_need_file(args.gt, "COCO file"))
-        images = {int(im["id"]): str(im["file_name"]) for im in gt["images"]}
+        gt = read_coco(_need_file(args.gt, "COCO file"), require_file_names=True)
+        images = dict(target_images(gt))
         names = category_names(gt)
     else:
         images_file = sidecar_path(results_path, ".images.json")
