@@ -27,7 +27,7 @@ def _pixel_value(relative: float, size: int) -> float:
     """The pixel number ``p`` that FiftyOne stored as ``relative = p / size``, recovered exactly.
 
     ``relative * size`` is not always ``p`` in floating point (223 / 259 * 259 is
-    222.99999999999997), and the integer truncation of reference box corners (METHOD.md
+    222.99999999999997), and the integer truncation of reference box corners (docs/method.md
     section 1 step 1) then lands a pixel short of the one ``refseg build-bank`` uses on the
     same COCO box. FiftyOne's COCO importer stores ``x / width`` etc. with the COCO numbers
     (integers, or decimals with a few digits), so the shortest decimal (at most

@@ -3,7 +3,7 @@
 Everything here works on any COCO instances file (a path or the parsed dict):
 
 - :func:`sample_few_shot` draws the N-shot reference set exactly as the paper did
-  (METHOD.md section 1, "Paper mode sampling") and returns it as a COCO dict.
+  (docs/method.md section 1, "Paper mode sampling") and returns it as a COCO dict.
 - :func:`load_references` / :func:`iter_references` turn annotations into
   :class:`refseg.Reference` objects (polygon, RLE or box-only), collecting unusable
   ones with a reason instead of failing.

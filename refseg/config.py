@@ -78,7 +78,7 @@ def _validate(obj: Any, section: str | None) -> None:
 
 @dataclass(frozen=True)
 class ReferenceConfig:
-    """How one annotated reference instance becomes an embedding (METHOD.md section 1)."""
+    """How one annotated reference instance becomes an embedding (docs/method.md section 1)."""
 
     context_scale: float = 1.2  # crop side = context_scale * max(box w, box h)
     min_mask_weight: float = 1e-6  # total soft-mask weight on the patch grid below this: reference unusable
@@ -89,7 +89,7 @@ class ReferenceConfig:
 
 @dataclass(frozen=True)
 class ProposalConfig:
-    """SAM2 automatic proposals from a point grid (METHOD.md section 2, steps 1 and 3)."""
+    """SAM2 automatic proposals from a point grid (docs/method.md section 2, steps 1 and 3)."""
 
     image_size: int = 1024  # target image squashed to image_size x image_size (aspect not kept)
     points_per_side: int = 32  # grid of points_per_side**2 single positive point prompts
@@ -106,7 +106,7 @@ class ProposalConfig:
 
 @dataclass(frozen=True)
 class MatchConfig:
-    """Proposal feature pooling and class assignment (METHOD.md section 2, steps 2, 4, 5)."""
+    """Proposal feature pooling and class assignment (docs/method.md section 2, steps 2, 4, 5)."""
 
     mask_threshold: float = 0.0  # logit threshold for the binary low-resolution mask
     negative_margin: float = 0.0  # a class is vetoed when a negative of it is closer than prototype + margin
@@ -117,7 +117,7 @@ class MatchConfig:
 
 @dataclass(frozen=True)
 class MergeConfig:
-    """NMS, semantic-aware soft merging and top-k (METHOD.md section 2, steps 6 to 9)."""
+    """NMS, semantic-aware soft merging and top-k (docs/method.md section 2, steps 6 to 9)."""
 
     nms_iou: float = 0.5  # class-aware box NMS threshold, ranked by predicted IoU
     max_after_nms: int = 800  # keep the first N after NMS

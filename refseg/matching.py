@@ -1,4 +1,4 @@
-"""Proposal features and their match against the memory bank (METHOD.md section 2, steps 2, 4, 5)."""
+"""Proposal features and their match against the memory bank (docs/method.md section 2, steps 2, 4, 5)."""
 
 from __future__ import annotations
 

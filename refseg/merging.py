@@ -1,5 +1,5 @@
 """Duplicate removal and re-scoring: class-aware NMS, semantic-aware soft merging, top-k
-(METHOD.md section 2, steps 6, 8, 9)."""
+(docs/method.md section 2, steps 6, 8, 9)."""
 
 from __future__ import annotations
 

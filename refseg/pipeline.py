@@ -1,4 +1,4 @@
-"""Inference on target images (METHOD.md section 2).
+"""Inference on target images (docs/method.md section 2).
 
 Two stages, so the expensive one can be cached and the cheap one re-run when the
 references or the merging settings change:

@@ -1,4 +1,4 @@
-"""Reference instances -> embeddings -> memory bank (METHOD.md section 1)."""
+"""Reference instances -> embeddings -> memory bank (docs/method.md section 1)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The model is Meta's official ``sam2`` package, built from its packaged Hydra
 configs; the weights come from the official ``{"model": state_dict}`` checkpoints
 (see :data:`SAM2_VARIANTS`). What this module adds is the prompting of
-METHOD.md section 2, step 3: one image-encoder pass per image, a grid of single
+docs/method.md section 2, step 3: one image-encoder pass per image, a grid of single
 positive points decoded in batches, the best of the three multimask outputs per
 prompt, and a predicted-IoU threshold. With ``ProposalConfig.fast_decoder`` the
 prompts are decoded by :class:`~refseg.models.sam2_fast_decoder.FastMaskDecoder`
