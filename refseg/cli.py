@@ -26,6 +26,13 @@ DEFAULT_INPUT_SIZE = 518
 REFERENCE_CHUNK = 64  # references decoded and encoded at a time by build-bank (bounds memory)
 
 
+# Exit statuses (documented in README.md, "Exit status").
+EXIT_OK = 0            # finished, everything done
+EXIT_CRASH = 1         # unexpected error (a bug, a crash): Python's default
+EXIT_USAGE = 2         # user error: bad arguments or input, reported in one line; nothing (more) done
+EXIT_INCOMPLETE = 3    # finished, but some images failed (predict) or a class got no usable reference (build-bank)
+
+
 class UsageError(Exception):
     """A problem with the user's input: reported in one line, exit code 2."""
 
@@ -209,7 +216,12 @@ def cmd_build_bank(args) -> int:
     bank.check_usable()
     out = bank.save(args.out)
     _say(f"memory bank written to {out}: {bank}")
-    return 0
+    missing = [c for c in unusable if c not in bank.class_names]
+    if missing:
+        _warn(f"incomplete bank (exit status {EXIT_INCOMPLETE}): no usable reference for "
+              f"{len(missing)} class(es): {', '.join(missing)}")
+        return EXIT_INCOMPLETE
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------- predict
@@ -324,10 +336,12 @@ def cmd_predict(args) -> int:
     _say(run.summary())
     if cache is not None:
         _say(f"candidate cache: {cache.stats['hits']} image(s) read from it, {cache.stats['writes']} written")
-    if run.failed:
-        _warn(f"{len(run.failed)} image(s) could not be labelled (listed above); rerun the command to retry them")
     _say(f"category ids: {sidecar_path(out, '.categories.json')}")
-    return 0
+    if run.failed:
+        _warn(f"finished, but {len(run.failed)} of {run.n_images} image(s) failed (listed above; exit status "
+              f"{EXIT_INCOMPLETE}); rerun the command to retry them")
+        return EXIT_INCOMPLETE
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -597,7 +611,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``refseg`` command; returns the exit code (0 ok, 2 user error)."""
+    """Run the ``refseg`` command; returns the exit code (0 ok, 2 user error, 3 finished with failed images)."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -173,7 +173,7 @@ def test_predict_records_a_huge_image_as_failed_and_labels_the_others(tmp_path, 
     capsys.readouterr()
     out = tmp_path / "results.json"
     assert main(["predict", "--bank", str(bank), "--images", str(val_images), "--out", str(out), "--quiet",
-                 *PROPOSER, *TOY]) == 0
+                 *PROPOSER, *TOY]) == 3  # finished, two images failed
     captured = capsys.readouterr()
     text = captured.out + captured.err
     assert "zz_huge.png" in text and "over the limit" in text and "zz_empty.png" in text and "empty file" in text
