@@ -256,6 +256,16 @@ def _category_ids(class_names: list[str], coco: dict | None) -> tuple[dict[str, 
 
 
 def cmd_predict(args) -> int:
+    from .predict_job import lock_output
+
+    if Path(args.out).parent.is_dir():
+        # a second run on the same --out is refused at start (exit status 2), before any work
+        with lock_output(args.out):
+            return _cmd_predict(args)
+    return _cmd_predict(args)
+
+
+def _cmd_predict(args) -> int:
     from .coco import read_coco, target_images
     from .memory_bank import MemoryBank
     from .pipeline import Segmenter
@@ -603,11 +613,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .images import ImageLoadError
     from .memory_bank import BankError
     from .models.checkpoints import CheckpointError
-    from .predict_job import PartialRunMismatch
+    from .predict_job import OutputLocked, PartialRunMismatch
 
     # ValueError covers refseg's own input errors (unknown classes, SamplingError, UnusableReference, devices)
     return (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImageLoadError,
-            BankError, CheckpointError, PartialRunMismatch, ValueError)
+            BankError, CheckpointError, PartialRunMismatch, OutputLocked, ValueError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

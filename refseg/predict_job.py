@@ -47,6 +47,36 @@ class PartialRunMismatch(ValueError):
     """The partial results file on disk was produced by a different run."""
 
 
+class OutputLocked(ValueError):
+    """Another run is writing the same output (its lock file is held)."""
+
+
+@contextlib.contextmanager
+def lock_output(out_path: str | os.PathLike):
+    """Hold ``<out>.lock`` (``flock``, exclusive, non-blocking) for the duration; refuse a second run.
+
+    The lock belongs to the open file description, so the kernel releases it when the
+    holder exits or is killed: a lock file left behind by a dead run does not block.
+    """
+    import fcntl
+
+    out_path = Path(out_path)
+    lock = out_path.with_name(out_path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+            raise OutputLocked(f"another refseg run (pid {holder}) is writing {out_path} (lock {lock} held); "
+                               f"wait for it to finish or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class PredictionRun:
     """What a call to :func:`run_prediction` did."""
