@@ -72,7 +72,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -80,6 +79,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
+from .files import mkstemp as _mkstemp
 from .identity import component_identity, identity_key
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -429,7 +429,7 @@ class CandidateCache:
     @staticmethod
     def _atomic_write(path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+        fd, tmp = _mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

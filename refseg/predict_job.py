@@ -26,13 +26,13 @@ from collections import Counter
 import json
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 
+from .files import mkstemp as _mkstemp
 from .images import ImageLoadError
 from .pipeline import Segmenter
 from .prefetch import read_ahead
@@ -192,7 +192,7 @@ def _drop_bad_lines(path: Path) -> None:
 def _atomic_file(path: Path):
     """A text file that replaces ``path`` when the block ends without error (fsync'd temporary + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    fd, tmp = _mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             yield fh
