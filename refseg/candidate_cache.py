@@ -269,7 +269,12 @@ class CandidateCache:
         if settings is not None:
             self.bind(settings)
         elif (self.root / "manifest.json").exists():
-            self.bind(self._read_manifest()["settings"])
+            try:
+                stored = self._read_manifest()["settings"]
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise CacheError(f"candidate cache manifest {self.manifest_path} is corrupt ({exc!r}); "
+                                 f"delete the folder {self.root} (it is rebuilt)") from None
+            self.bind(stored)
 
     # ------------------------------------------------------------------ settings
     @property
@@ -280,7 +285,8 @@ class CandidateCache:
         try:
             manifest = json.loads(self.manifest_path.read_text())
         except (OSError, ValueError) as exc:
-            raise CacheError(f"cannot read candidate cache manifest {self.manifest_path}: {exc}") from exc
+            raise CacheError(f"cannot read candidate cache manifest {self.manifest_path}: {exc}; "
+                             f"delete the folder {self.root} (it is rebuilt)") from exc
         if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
             raise CacheError(f"{self.manifest_path} is not a refseg candidate cache of version {FORMAT_VERSION} "
                              f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})")
@@ -297,11 +303,22 @@ class CandidateCache:
             if settings != self.settings:
                 raise self._mismatch(self.settings, settings)
             return
+        rebuild = False
         if self.manifest_path.exists():
-            stored = self._read_manifest()["settings"]
-            if stored != settings:
-                raise self._mismatch(stored, settings)
-        else:
+            try:
+                stored = self._read_manifest()["settings"]
+            except (CacheError, KeyError, TypeError, AttributeError) as exc:
+                if self.root.name != settings_hash(settings):
+                    raise CacheError(f"candidate cache manifest {self.manifest_path} is unreadable or corrupt "
+                                     f"({exc}); delete the folder {self.root} (it is rebuilt)") from None
+                # the folder is named by the hash of these very settings: the manifest can be rewritten safely
+                log.warning("candidate cache manifest %s was unreadable or corrupt; rewritten from the "
+                               "current settings (the folder is named by their hash)", self.manifest_path)
+                rebuild = True
+            else:
+                if stored != settings:
+                    raise self._mismatch(stored, settings)
+        if rebuild or not self.manifest_path.exists():
             self.root.mkdir(parents=True, exist_ok=True)
             manifest = {"format": FORMAT, "version": FORMAT_VERSION, "settings_hash": settings_hash(settings),
                         "settings": settings}

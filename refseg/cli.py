@@ -610,6 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from .candidate_cache import CacheError
     from .images import ImageLoadError
     from .memory_bank import BankError
     from .models.checkpoints import CheckpointError
@@ -617,7 +618,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     # ValueError covers refseg's own input errors (unknown classes, SamplingError, UnusableReference, devices)
     return (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImageLoadError,
-            BankError, CheckpointError, PartialRunMismatch, OutputLocked, ValueError)
+            BankError, CheckpointError, PartialRunMismatch, OutputLocked, CacheError, ValueError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
