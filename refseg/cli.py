@@ -276,6 +276,8 @@ def _cmd_predict(args) -> int:
     image_dir = _need_dir(args.images, "image folder")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1 (got {args.limit})")
     coco = read_coco(_need_file(args.coco, "targets' COCO file"), require_file_names=True) if args.coco else None
     cfg = _config(args)
     bank = MemoryBank.load(bank_path)

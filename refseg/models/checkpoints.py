@@ -212,6 +212,15 @@ def load_torch_file(path: str | os.PathLike, what: str) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, bad pickle, not a torch file...
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError) and "weights only load failed" in str(exc).lower():
+            # the file is a readable checkpoint, but it holds Python objects (code) besides tensors
+            raise CheckpointError(
+                f"refused {what} checkpoint {path}: the file holds Python objects (classes or code), not only "
+                f"tensors, and was refused for safety (loading it could run code from the file). Use a "
+                f"checkpoint that holds a plain state dict of tensors (e.g. the official weights)."
+            ) from None
         raise CheckpointError(
             f"cannot read {what} checkpoint {path}: {type(exc).__name__}: {exc}. The file is truncated, corrupt "
             f"or not a PyTorch checkpoint; if it was downloaded, delete it and download it again."
