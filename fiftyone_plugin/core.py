@@ -41,6 +41,7 @@ from refseg.candidate_cache import CandidateCache
 from refseg.config import PipelineConfig, get_preset
 from refseg.devices import select_device
 from refseg.identity import identity_key
+from refseg.models.checkpoints import sha256_file
 from refseg.images import image_size
 from refseg.plugins import build_encoder, build_proposer
 from refseg.prefetch import read_ahead
@@ -323,20 +324,12 @@ def load_bank(dataset: fo.Dataset, bank_name: str) -> tuple[MemoryBank, dict]:
         raise FileNotFoundError(f"the file of memory bank {bank_name!r} of dataset {dataset.name!r} is missing: "
                                 f"{path}; build the bank again with build_memory_bank")
     recorded = record.get("digest")
-    if recorded and _file_digest(path) != recorded:
+    if recorded and sha256_file(path) != recorded:
         raise ValueError(f"the file of memory bank {bank_name!r} ({path}) is not the one recorded for dataset "
                          f"{dataset.name!r}: it was changed or replaced since the bank was built or updated (sha256 "
                          f"{recorded[:12]}... recorded). Labelling with it could mix another bank's classes into "
                          "this dataset: build the bank again with build_memory_bank")
     return MemoryBank.load(path), record
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _save_bank(dataset: fo.Dataset, bank_name: str, bank: MemoryBank, settings: ModelSettings,
@@ -347,7 +340,7 @@ def _save_bank(dataset: fo.Dataset, bank_name: str, bank: MemoryBank, settings: 
     old = list_banks(dataset).get(bank_name, {})
     record = {
         "path": str(path),
-        "digest": _file_digest(path),
+        "digest": sha256_file(path),
         "models": settings.to_dict(),
         "proposer": settings.proposer,
         "encoder": settings.encoder,

@@ -100,7 +100,6 @@ def upsampled_intersections(logits: torch.Tensor, labels: torch.Tensor, size: tu
     windows = output_windows(logits, (height, width), threshold)
     pack = logits.device.type == "cpu"  # 1 bit a pixel while waiting for their bands
     boxes, crops = window_masks(logits, (height, width), threshold, windows, pack=pack)
-    windows = torch.tensor(boxes, dtype=torch.long, device=logits.device).reshape(n, 4)
     rows = max(1, band_bytes // max(1, n * width))
     for r0 in range(0, height, rows):
         r1 = min(height, r0 + rows)
