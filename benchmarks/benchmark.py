@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 import refseg
-import refseg.pipeline as pipeline_module
+import refseg.method.pipeline as pipeline_module
 from refseg import MemoryBank, Segmenter, get_preset, load_image
-from refseg.devices import select_device
-from refseg.plugins import build_encoder, build_proposer
+from refseg.models.devices import select_device
+from refseg.models.registry import build_encoder, build_proposer
 from refseg.testing import draw_scene
 
 # "merging": soft merging, including the masks it upsamples to measure overlaps; "upsampling": the kept top-k

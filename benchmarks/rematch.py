@@ -36,10 +36,10 @@ import torch
 
 import refseg
 from refseg import PAPER, MemoryBank, Segmenter, load_image
-from refseg.candidate_cache import CandidateCache, decode_logits, encode_logits, image_key
-from refseg.devices import select_device
-from refseg.pipeline import Candidates
-from refseg.plugins import build_encoder, build_proposer
+from refseg.runtime.candidate_cache import CandidateCache, decode_logits, encode_logits, image_key
+from refseg.models.devices import select_device
+from refseg.method.pipeline import Candidates
+from refseg.models.registry import build_encoder, build_proposer
 from refseg.testing import draw_scene
 
 

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rematch import machine_info, synthetic_sam_logits  # noqa: E402
 
 from refseg import MemoryBank, Segmenter  # noqa: E402
-from refseg.config import get_preset  # noqa: E402
-from refseg.pipeline import Candidates  # noqa: E402
+from refseg.method.config import get_preset  # noqa: E402
+from refseg.method.pipeline import Candidates  # noqa: E402
 
 
 class _FeatureSpace:

@@ -6,7 +6,7 @@ Workflow: tag a few annotated samples ``reference`` -> ``build_memory_bank`` ->
 / ``export_coco``. ``boxes_to_masks`` turns box annotations into masks.
 
 Each operator is a thin shell: it reads its form into arguments of a function of
-:mod:`.core`, where the work happens. Each is also a Python function::
+:mod:`refseg_fiftyone.core`, where the work happens. Each is also a Python function::
 
     import fiftyone.operators as foo
     build = foo.get_operator("@refseg/refseg/build_memory_bank")
@@ -20,7 +20,7 @@ import copy
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from . import core
+from refseg_fiftyone import core
 
 DELEGATE_ABOVE = 8  # runs over more samples than this are delegated unless the caller says otherwise
 

@@ -5,14 +5,14 @@ features; a proposal model (SAM2) proposes masks on every other image; each
 proposal is matched to the bank, merged, scored and returned as :class:`Detections`.
 """
 
-from .config import PAPER, PRESETS, MatchConfig, MergeConfig, OutputConfig, PipelineConfig, ProposalConfig, \
+from refseg.method.config import PAPER, PRESETS, MatchConfig, MergeConfig, OutputConfig, PipelineConfig, ProposalConfig, \
     ReferenceConfig, get_preset
-from .images import ImageLoadError, load_image
-from .interfaces import FeatureEncoder, ProposalGenerator, Proposals
-from .memory_bank import BankError, BankMismatchError, MemoryBank
-from .pipeline import Candidates, Segmenter
-from .references import BankReport, Reference, ReferenceEncoder, UnusableReference
-from .results import Detections, decode_rle, encode_rle
+from refseg.io.images import ImageLoadError, load_image
+from refseg.method.interfaces import FeatureEncoder, ProposalGenerator, Proposals
+from refseg.method.memory_bank import BankError, BankMismatchError, MemoryBank
+from refseg.method.pipeline import Candidates, Segmenter
+from refseg.method.references import BankReport, Reference, ReferenceEncoder, UnusableReference
+from refseg.method.results import Detections, decode_rle, encode_rle
 
 __version__ = "0.1.0"
 

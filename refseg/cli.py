@@ -1,8 +1,8 @@
 """The ``refseg`` command line: sample references, build a bank, predict, evaluate, render.
 
 Every subcommand only translates arguments into calls of the Python API
-(:mod:`refseg.coco`, :class:`refseg.ReferenceEncoder`, :class:`refseg.Segmenter`,
-:mod:`refseg.predict_job`, :mod:`refseg.visualize`). User errors (missing files,
+(:mod:`refseg.io.coco`, :class:`refseg.ReferenceEncoder`, :class:`refseg.Segmenter`,
+:mod:`refseg.runtime.predict_job`, :mod:`refseg.io.visualize`). User errors (missing files,
 unknown classes, a bank built for other features...) end with exit code 2 and a
 one-line message; ``--debug`` shows the traceback instead.
 """
@@ -74,7 +74,7 @@ def _parse_value(text: str):
 
 def _config(args):
     """The pipeline settings: the preset, then ``--set key=value`` overrides in order."""
-    from .config import get_preset
+    from refseg.method.config import get_preset
 
     try:
         cfg = get_preset(args.preset)
@@ -100,7 +100,7 @@ def _random_weights_banner() -> None:
 
 def _build(kind: str, spec: str, args, **kwargs):
     """Build the proposer or encoder; import/registry problems become usage errors."""
-    from . import plugins
+    from refseg.models import registry as plugins
 
     build = plugins.build_proposer if kind == "proposer" else plugins.build_encoder
     if getattr(args, "random_weights", False):
@@ -115,7 +115,7 @@ def _build(kind: str, spec: str, args, **kwargs):
 
 
 def _write_json(path: Path, data) -> None:
-    from .predict_job import write_atomic
+    from refseg.runtime.predict_job import write_atomic
 
     write_atomic(path, json.dumps(data, indent=1))
 
@@ -124,7 +124,7 @@ def _write_json(path: Path, data) -> None:
 
 
 def cmd_sample(args) -> int:
-    from .coco import category_names, sample_few_shot
+    from refseg.io.coco import category_names, sample_few_shot
 
     coco_path = _need_file(args.coco, "COCO file")
     refs = sample_few_shot(coco_path, args.shots, seed=args.seed, categories=args.classes, min_size=args.min_size,
@@ -146,9 +146,9 @@ def cmd_sample(args) -> int:
 
 
 def cmd_build_bank(args) -> int:
-    from .coco import box_prompts, category_names, iter_references, read_coco, resolve_classes
-    from .memory_bank import BankError, MemoryBank
-    from .references import BankReport, ReferenceEncoder
+    from refseg.io.coco import box_prompts, category_names, iter_references, read_coco, resolve_classes
+    from refseg.method.memory_bank import BankError, MemoryBank
+    from refseg.method.references import BankReport, ReferenceEncoder
 
     refs_path = _need_file(args.references, "reference file")
     image_dir = _need_dir(args.images, "image folder")
@@ -256,7 +256,7 @@ def _category_ids(class_names: list[str], coco: dict | None) -> tuple[dict[str, 
 
 
 def cmd_predict(args) -> int:
-    from .predict_job import lock_output
+    from refseg.runtime.predict_job import lock_output
 
     if Path(args.out).parent.is_dir():
         # a second run on the same --out is refused at start (exit status 2), before any work
@@ -266,11 +266,11 @@ def cmd_predict(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from .coco import read_coco, target_images
-    from .memory_bank import MemoryBank
-    from .pipeline import Segmenter
-    from .device_pool import DevicePool, SegmenterSpec, local_devices
-    from .predict_job import list_images, run_prediction, sidecar_path
+    from refseg.io.coco import read_coco, target_images
+    from refseg.method.memory_bank import MemoryBank
+    from refseg.method.pipeline import Segmenter
+    from refseg.runtime.device_pool import DevicePool, SegmenterSpec, local_devices
+    from refseg.runtime.predict_job import list_images, run_prediction, sidecar_path
 
     bank_path = _need_file(args.bank, "memory bank")
     image_dir = _need_dir(args.images, "image folder")
@@ -295,7 +295,7 @@ def _cmd_predict(args) -> int:
 
     encoder_spec = args.encoder
     if encoder_spec is None:
-        from .models.dinov2_encoder import DINOV2_VARIANTS
+        from refseg.models.dinov2_encoder import DINOV2_VARIANTS
 
         encoder_spec = str(bank.encoder_settings.get("name", ""))
         if encoder_spec not in DINOV2_VARIANTS:
@@ -327,7 +327,7 @@ def _cmd_predict(args) -> int:
     if args.candidate_cache and isinstance(segmenter, DevicePool):
         cache = segmenter.cache
     elif args.candidate_cache:
-        from .candidate_cache import CandidateCache
+        from refseg.runtime.candidate_cache import CandidateCache
 
         cache = CandidateCache.for_segmenter(args.candidate_cache, segmenter)
     if cache is not None:
@@ -360,7 +360,7 @@ def _cmd_predict(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .coco import evaluate
+    from refseg.io.coco import evaluate
 
     gt = _need_file(args.gt, "ground-truth file")
     results = _need_file(args.results, "results file")
@@ -382,9 +382,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_render(args) -> int:
-    from .coco import category_names, read_coco, read_results, target_images
-    from .predict_job import sidecar_path
-    from .visualize import render_coco_results
+    from refseg.io.coco import category_names, read_coco, read_results, target_images
+    from refseg.runtime.predict_job import sidecar_path
+    from refseg.io.visualize import render_coco_results
 
     image_dir = _need_dir(args.images, "image folder")
     results_path = _need_file(args.results, "results file")
@@ -416,7 +416,7 @@ def cmd_render(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .testing import make_synthetic_coco
+    from refseg.testing import make_synthetic_coco
 
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -452,9 +452,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .models.checkpoints import cache_dir
-    from .models.dinov2_encoder import DINOV2_VARIANTS
-    from .models.sam2_proposer import SAM2_VARIANTS
+    from refseg.models.checkpoints import cache_dir
+    from refseg.models.dinov2_encoder import DINOV2_VARIANTS
+    from refseg.models.sam2_proposer import SAM2_VARIANTS
 
     root = cache_dir(args.cache_dir)
     _say(f"checkpoint cache: {root} (--cache-dir or $REFSEG_CACHE_DIR)")
@@ -612,11 +612,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .candidate_cache import CacheError
-    from .images import ImageLoadError
-    from .memory_bank import BankError
-    from .models.checkpoints import CheckpointError
-    from .predict_job import OutputLocked, PartialRunMismatch
+    from refseg.runtime.candidate_cache import CacheError
+    from refseg.io.images import ImageLoadError
+    from refseg.method.memory_bank import BankError
+    from refseg.models.checkpoints import CheckpointError
+    from refseg.runtime.predict_job import OutputLocked, PartialRunMismatch
 
     # ValueError covers refseg's own input errors (unknown classes, SamplingError, UnusableReference, devices)
     return (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImageLoadError,

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .interfaces import Proposals
-from .results import encode_rle
+from refseg.method.interfaces import Proposals
+from refseg.method.results import encode_rle
 
 # Palette: background grey, the three "object" classes, two distractor colours.
 PALETTE = {

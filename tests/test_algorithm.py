@@ -15,12 +15,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from refseg import PAPER, Detections, MemoryBank, Reference, ReferenceEncoder, Segmenter, UnusableReference
-from refseg.config import PRESETS, PipelineConfig, get_preset
-from refseg.matching import interpolation_matrix, match_to_prototypes, pool_features
-from refseg.merging import class_aware_nms, intersections_by_class, mask_boxes, soft_merge, top_k
-from refseg.pipeline import Candidates
-from refseg.references import crop_window
-from refseg.results import decode_rle, encode_rle, encode_rles, masks_to_boxes
+from refseg.method.config import PRESETS, PipelineConfig, get_preset
+from refseg.method.matching import interpolation_matrix, match_to_prototypes, pool_features
+from refseg.method.merging import class_aware_nms, intersections_by_class, mask_boxes, soft_merge, top_k
+from refseg.method.pipeline import Candidates
+from refseg.method.references import crop_window
+from refseg.method.results import decode_rle, encode_rle, encode_rles, masks_to_boxes
 from refseg.testing import ColorEncoder, ColorRegionProposer, PALETTE, make_synthetic_coco
 
 TOY = PAPER.with_overrides(**{"proposal.image_size": 512})

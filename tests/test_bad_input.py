@@ -22,10 +22,10 @@ from safetensors.torch import save_file
 
 from refseg import BankError, ImageLoadError, MemoryBank, load_image
 from refseg.cli import main
-from refseg.coco import box_prompts, evaluate, load_references, read_coco, read_results, target_images
-from refseg.config import DEFAULT, PRESETS, MergeConfig, PipelineConfig, ProposalConfig
-from refseg.images import MAX_PIXELS_ENV, LargeImageWarning, image_size, max_image_pixels
-from refseg.references import Reference, ReferenceEncoder, box_problem
+from refseg.io.coco import box_prompts, evaluate, load_references, read_coco, read_results, target_images
+from refseg.method.config import DEFAULT, PRESETS, MergeConfig, PipelineConfig, ProposalConfig
+from refseg.io.images import MAX_PIXELS_ENV, LargeImageWarning, image_size, max_image_pixels
+from refseg.method.references import Reference, ReferenceEncoder, box_problem
 from refseg.testing import PALETTE, ColorEncoder, make_synthetic_coco
 
 TOY = ["--encoder", "refseg.testing:ColorEncoder", "--device", "cpu", "--set", "proposal.image_size=256"]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from refseg.candidate_cache import CacheError, CandidateCache, settings_hash
+from refseg.runtime.candidate_cache import CacheError, CandidateCache, settings_hash
 from refseg.cli import main
 from refseg.testing import make_synthetic_coco
 

@@ -1,4 +1,4 @@
-"""Cached stage 1 (refseg.candidate_cache): results equal the uncached ones, hits run no network,
+"""Cached stage 1 (refseg.runtime.candidate_cache): results equal the uncached ones, hits run no network,
 foreign settings are refused, corrupt entries are recomputed, and a new bank re-labels from cache."""
 
 import json
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from pycocotools.coco import COCO
 
-import refseg.images
+import refseg.io.images
 from refseg import PAPER, MemoryBank, Reference, ReferenceEncoder, Segmenter, decode_rle, load_image
-from refseg.candidate_cache import (CacheError, CacheMismatchError, CandidateCache, decode_logits, encode_logits,
+from refseg.runtime.candidate_cache import (CacheError, CacheMismatchError, CandidateCache, decode_logits, encode_logits,
                                     image_key, stage1_settings)
 from refseg.testing import ColorEncoder, ColorRegionProposer, make_synthetic_coco
 
@@ -98,7 +98,7 @@ def test_cached_results_equal_uncached_and_hits_run_no_network(toy, tmp_path, mo
     assert_identical(first, want)
 
     decoded = []
-    monkeypatch.setattr(refseg.images, "load_image", lambda *a: decoded.append(a))  # a hit must not decode
+    monkeypatch.setattr(refseg.io.images, "load_image", lambda *a: decoded.append(a))  # a hit must not decode
     second = seg.predict_batch(paths, cache=cache)
     third = list(seg.predict_many(paths, batch_size=2, cache=cache))
     assert counter.calls == 2 and not decoded
@@ -325,7 +325,7 @@ REAL = PAPER.with_overrides(**{"proposal.image_size": 256, "proposal.points_per_
 
 
 def _real_models(seed):
-    from refseg.plugins import build_encoder, build_proposer
+    from refseg.models.registry import build_encoder, build_proposer
 
     torch.manual_seed(seed)
     proposer = build_proposer("sam2.1_hiera_t", device="cpu", config=REAL.proposal, random_init=True)

@@ -22,13 +22,15 @@ import torch
 from PIL import Image, ImageDraw
 
 fo = pytest.importorskip("fiftyone")
+import refseg_fiftyone.convert  # noqa: E402
+import refseg_fiftyone.core  # noqa: E402
 import fiftyone.utils.coco as fouc  # noqa: E402
 
 from refseg import MemoryBank  # noqa: E402
 from refseg.cli import main  # noqa: E402
-from refseg.results import decode_rle, encode_rle  # noqa: E402
+from refseg.method.results import decode_rle, encode_rle  # noqa: E402
 from refseg.testing import CLASSES, PALETTE, draw_scene  # noqa: E402
-from test_fiftyone_plugin import TOY, op, plugin_module, unique  # noqa: E402
+from test_fiftyone_plugin import TOY, op, unique  # noqa: E402
 
 HEIGHT, WIDTH = 211, 259
 CLI_TOY = ["--proposer", TOY["proposer"], "--encoder", TOY["encoder"], "--device", "cpu",
@@ -176,7 +178,7 @@ def test_same_references_give_the_same_bank_through_the_cli_and_the_plugin(setup
     assert torch.equal(cli.prototypes(), plugin.prototypes()[order])
 
     # the boxes were chosen to trip a naive conversion (relative x * width, truncated), in every variant
-    convert = plugin_module("convert")
+    convert = refseg_fiftyone.convert
     by_id = {a["id"]: a for a in coco["annotations"]}
     tricky = 0
     for sample in dataset.match_tags("reference"):
@@ -200,7 +202,7 @@ def _cli_records(setup, out: Path, *extra: str) -> dict[str, list[dict]]:
 
 def test_cli_and_plugin_write_the_same_exact_boxes_and_only_the_paper_preset_is_short(setup, tmp_path):
     dataset = setup["dataset"]
-    convert = plugin_module("convert")
+    convert = refseg_fiftyone.convert
     default = _cli_records(setup, tmp_path / "default.json")  # no --preset: the default preset
     paper = _cli_records(setup, tmp_path / "paper.json", "--preset", "paper")
     report = op("auto_label")(dataset, bank_name="agree", delegate=False)
@@ -227,7 +229,7 @@ def test_cli_and_plugin_write_the_same_exact_boxes_and_only_the_paper_preset_is_
 
 def test_pixel_numbers_come_back_exactly_from_relative_coordinates():
     """Every integer pixel, and COCO-style decimals, on image sizes where ``relative * size`` misses them."""
-    convert = plugin_module("convert")
+    convert = refseg_fiftyone.convert
     rng = np.random.default_rng(0)
     for size in (211, 259, 480, 640, 1333, 4032):
         assert all(convert._pixel_value(c / size, size) == c for c in range(size + 1))

@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from refseg.coco import (
+from refseg.io.coco import (
     VOC_CLASSES, SamplingError, evaluate, load_references, resolve_classes, sample_few_shot,
 )
-from refseg.results import encode_rle
+from refseg.method.results import encode_rle
 from refseg.testing import make_synthetic_coco
 
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from refseg import PAPER, Segmenter, load_image
-from refseg.candidate_cache import CandidateCache
-from refseg.device_pool import DevicePool, SegmenterSpec, WorkerError, local_devices
-from refseg.predict_job import run_prediction
+from refseg.runtime.candidate_cache import CandidateCache
+from refseg.runtime.device_pool import DevicePool, SegmenterSpec, WorkerError, local_devices
+from refseg.runtime.predict_job import run_prediction
 from refseg.testing import ColorEncoder, ColorRegionProposer, make_synthetic_coco
 
 CFG = PAPER.with_overrides(**{"proposal.image_size": 512})
@@ -111,8 +111,8 @@ def test_workers_share_a_candidate_cache(setup, tmp_path):
 
 
 def test_results_cross_the_pipe_as_tight_crops():
-    from refseg.device_pool import _pack, _unpack
-    from refseg.results import Detections, masks_to_boxes
+    from refseg.runtime.device_pool import _pack, _unpack
+    from refseg.method.results import Detections, masks_to_boxes
 
     rng = np.random.default_rng(0)
     masks = np.zeros((4, 60, 80), bool)

@@ -37,11 +37,11 @@ import pytest
 import torch
 
 from refseg import PAPER, Reference, ReferenceEncoder, Segmenter
-from refseg.config import FAST, ProposalConfig
+from refseg.method.config import FAST, ProposalConfig
 from refseg.models.sam2_fast_decoder import FastMaskDecoder
 from refseg.models.sam2_proposer import SAM2ProposalGenerator, load_sam2
-from refseg.plugins import build_encoder
-from refseg.preprocess import squash_to_square
+from refseg.models.registry import build_encoder
+from refseg.method.preprocess import squash_to_square
 from refseg.testing import draw_scene
 
 SAM_SIZE = 256

@@ -10,7 +10,6 @@ plugins folder.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -25,6 +24,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 fo = pytest.importorskip("fiftyone")
+import refseg_fiftyone.convert  # noqa: E402
+import refseg_fiftyone.core  # noqa: E402
 import fiftyone.operators as foo  # noqa: E402
 from fiftyone.operators.delegated import DelegatedOperationService  # noqa: E402
 from fiftyone.operators.executor import ExecutionContext, ExecutionError, Executor  # noqa: E402
@@ -50,13 +51,6 @@ def op(name: str):
     return foo.get_operator(uri(name))
 
 
-@functools.lru_cache(maxsize=None)
-def plugin_module(name: str):
-    """A module of the plugin as FiftyOne loaded it (for patching inside operator runs)."""
-    package = type(op("auto_label")).__module__
-    return sys.modules[f"{package}.{name}"]
-
-
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
@@ -67,7 +61,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def full_mask(det, height: int, width: int) -> np.ndarray:
-    return plugin_module("convert").detection_mask(det, height, width)
+    return refseg_fiftyone.convert.detection_mask(det, height, width)
 
 
 def _noisy(rng, shape, colour):
@@ -144,7 +138,7 @@ def test_masks_convert_to_full_images_exactly():
     integer), which can shift a mask by a pixel; the plugin rounds, so a mask made by
     ``fo.Detection.from_mask`` comes back exactly.
     """
-    convert = plugin_module("convert")
+    convert = refseg_fiftyone.convert
     rng = np.random.default_rng(3)
     fiftyone_ious = []
     for height, width in ((160, 208), (97, 131), (480, 640)):
@@ -284,7 +278,7 @@ def test_immediate_run_streams_progress_to_the_app(dataset):
 
 def test_resume_after_interruption_loses_and_duplicates_nothing(dataset, monkeypatch):
     build_toy_bank(dataset)
-    core = plugin_module("core")
+    core = refseg_fiftyone.core
     real_write = core._write_labels
     calls = {"n": 0}
 

@@ -20,10 +20,12 @@ import pytest
 from bson import ObjectId
 
 fo = pytest.importorskip("fiftyone")
+import refseg_fiftyone.convert  # noqa: E402
+import refseg_fiftyone.core  # noqa: E402
 from fiftyone.operators.delegated import DelegatedOperationService  # noqa: E402
 from fiftyone.operators.executor import ExecutionContext, ExecutionError, Executor  # noqa: E402
 
-from test_fiftyone_plugin import build_toy_bank, make_dataset, op, plugin_module, run_queued  # noqa: E402
+from test_fiftyone_plugin import build_toy_bank, make_dataset, op, run_queued  # noqa: E402
 from conftest import clear_queued_operations  # noqa: E402
 
 
@@ -61,7 +63,7 @@ def dataset(tmp_path):
 
 
 def test_shard_partition_is_stable_disjoint_complete_and_balanced():
-    core = plugin_module("core")
+    core = refseg_fiftyone.core
     ids = [f"{i:024x}" for i in range(3000)]
     for n in (1, 2, 3, 7):
         shards = [[i for i in ids if core.shard_of(i, n) == k] for k in range(n)]
@@ -83,7 +85,7 @@ def test_each_shard_labels_exactly_its_samples_and_resumes(dataset, monkeypatch)
     targets = target_ids(dataset)
     assert single["num_labelled"] == len(targets) == 12 and single["shard"] is None
 
-    core = plugin_module("core")
+    core = refseg_fiftyone.core
     real_write = core._write_labels
     written: list[str] = []
 
@@ -197,7 +199,7 @@ def test_two_delegated_launch_workers_label_the_shards_once(dataset, tmp_path):
     op("auto_label")(dataset, label_field="single", delegate=False)
     expected = labels_of(dataset, "single")
     targets = target_ids(dataset)
-    core = plugin_module("core")
+    core = refseg_fiftyone.core
     service = DelegatedOperationService()
 
     workers = []

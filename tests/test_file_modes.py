@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from refseg.cli import main
-from refseg.files import default_mode, mkstemp
+from refseg.io.files import default_mode, mkstemp
 from refseg.testing import make_synthetic_coco
 
 TOY = ["--encoder", "refseg.testing:ColorEncoder", "--device", "cpu", "--set", "proposal.image_size=256"]

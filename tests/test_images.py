@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from refseg import ImageLoadError, load_image
-from refseg.images import image_size
+from refseg.io.images import image_size
 
 
 def _save(tmp_path, img, name, **kw):

@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refseg.config import ProposalConfig
-from refseg.devices import select_device
-from refseg.interfaces import FeatureEncoder, ProposalGenerator, Proposals
+from refseg.method.config import ProposalConfig
+from refseg.models.devices import select_device
+from refseg.method.interfaces import FeatureEncoder, ProposalGenerator, Proposals
 from refseg.models import (
     DINOV2_VARIANTS,
     SAM2_VARIANTS,
@@ -596,23 +596,23 @@ class FakeEncoder:
 
 def test_load_component_errors():
     with pytest.raises(ValueError, match="package.module:Class"):
-        load_component("refseg.config.ProposalConfig")
+        load_component("refseg.method.config.ProposalConfig")
     with pytest.raises(ValueError, match="package.module:Class"):
-        load_component("refseg.config:")
+        load_component("refseg.method.config:")
     with pytest.raises(ImportError, match="cannot import module 'refseg_no_such_module'"):
         load_component("refseg_no_such_module:Thing")
-    with pytest.raises(AttributeError, match="module 'refseg.config' has no attribute 'NoSuchThing'"):
-        load_component("refseg.config:NoSuchThing")
+    with pytest.raises(AttributeError, match="module 'refseg.method.config' has no attribute 'NoSuchThing'"):
+        load_component("refseg.method.config:NoSuchThing")
     with pytest.raises(TypeError, match="not a class or factory"):
-        load_component("refseg.config:PAPER")
+        load_component("refseg.method.config:PAPER")
     with pytest.raises(TypeError, match="could not create component"):
         load_component(f"{__name__}:FakeProposer", device="cpu")  # config missing
 
 
 def test_load_component_passes_accepted_kwargs():
-    cfg = load_component("refseg.config:ProposalConfig", image_size=256, device="cpu")  # device not accepted
+    cfg = load_component("refseg.method.config:ProposalConfig", image_size=256, device="cpu")  # device not accepted
     assert cfg == ProposalConfig(image_size=256)
-    assert load_component("refseg.config:PipelineConfig.from_dict", data={"name": "x"}).name == "x"
+    assert load_component("refseg.method.config:PipelineConfig.from_dict", data={"name": "x"}).name == "x"
 
 
 def test_build_by_import_path():
@@ -622,9 +622,9 @@ def test_build_by_import_path():
     assert encoder.input_size == 42
     assert encoder.extra == ["cache_dir", "checkpoint", "device", "offline", "random_init"]  # **kwargs get all
     with pytest.raises(TypeError, match="does not implement ProposalGenerator.*propose"):
-        build_proposer("refseg.config:ProposalConfig")
+        build_proposer("refseg.method.config:ProposalConfig")
     with pytest.raises(TypeError, match="does not implement FeatureEncoder"):
-        build_encoder("refseg.config:ProposalConfig")
+        build_encoder("refseg.method.config:ProposalConfig")
 
 
 def test_build_by_registry_name():

@@ -1,10 +1,10 @@
-"""Reading ahead (refseg.prefetch.read_ahead): order, overlap with the caller, errors, early stop."""
+"""Reading ahead (refseg.runtime.prefetch.read_ahead): order, overlap with the caller, errors, early stop."""
 
 import threading
 
 import pytest
 
-from refseg.prefetch import read_ahead
+from refseg.runtime.prefetch import read_ahead
 
 
 def test_order_and_values():

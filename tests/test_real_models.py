@@ -15,7 +15,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from refseg import PAPER, MemoryBank, Reference, ReferenceEncoder, Segmenter, decode_rle, load_image
-from refseg.plugins import build_encoder, build_proposer
+from refseg.models.registry import build_encoder, build_proposer
 from refseg.testing import make_synthetic_coco
 
 CFG = PAPER.with_overrides(**{"proposal.image_size": 256, "proposal.points_per_side": 6,

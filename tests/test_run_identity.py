@@ -1,4 +1,4 @@
-"""One identity per run (refseg.identity): a changed checkpoint, bank file or setting is refused or
+"""One identity per run (refseg.method.identity): a changed checkpoint, bank file or setting is refused or
 relabels, never mixed with earlier results. Real SAM2.1-T networks with random weights, written
 as official-layout checkpoints; the toy colour encoder stands in for DINOv2 to keep it quick."""
 
@@ -11,7 +11,7 @@ import torch
 
 from refseg import MemoryBank
 from refseg.cli import main
-from refseg.identity import describe_difference, identity_key
+from refseg.method.identity import describe_difference, identity_key
 from refseg.models import load_sam2
 from refseg.models.fingerprint import weights_fingerprint
 from refseg.testing import make_synthetic_coco

@@ -1,4 +1,4 @@
-"""Mask upsampling (refseg.upsampling): the bits of torch's antialiased bilinear call, and the
+"""Mask upsampling (refseg.method.upsampling): the bits of torch's antialiased bilinear call, and the
 windowed intersection counts that use it."""
 
 import os
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from refseg.merging import intersections_by_class, soft_merge, upsampled_intersections
-from refseg.upsampling import filter_taps, output_windows, support_boxes, upsample_masks
+from refseg.method.merging import intersections_by_class, soft_merge, upsampled_intersections
+from refseg.method.upsampling import filter_taps, output_windows, support_boxes, upsample_masks
 
 def blobs(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     """Mask logits like SAM's: small positive blobs on a negative background, some masks empty."""
@@ -63,7 +63,7 @@ _OTHER_KERNEL = """
 import sys, torch
 sys.path.insert(0, {tests!r})
 from test_upsampling import SIZES, reference, sam_like
-from refseg.upsampling import upsample_masks
+from refseg.method.upsampling import upsample_masks
 for src, dst in SIZES:
     logits = sam_like(12, *src, seed=7)
     assert torch.equal(upsample_masks(logits, dst, schedule="cropped"), reference(logits, dst)), (src, dst)

@@ -14,7 +14,7 @@ from refseg.models.sam2_proposer import (
     point_grid,
     sam2_variant,
 )
-from refseg.plugins import build_encoder, build_proposer, load_component
+from refseg.models.registry import build_encoder, build_proposer, load_component
 
 __all__ = [
     "CheckpointError", "CheckpointSpec", "resolve_checkpoint",

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..files import mkstemp as _mkstemp
+from refseg.io.files import mkstemp as _mkstemp
 
 import torch
 

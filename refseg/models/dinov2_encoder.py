@@ -1,4 +1,4 @@
-"""DINOv2 as a :class:`~refseg.interfaces.FeatureEncoder`: dense patch features.
+"""DINOv2 as a :class:`~refseg.method.interfaces.FeatureEncoder`: dense patch features.
 
 The network is timm's DINOv2 ViT (the same architecture as Meta's DINOv2
 repository); the weights are the official checkpoints, bare state dicts in the
@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from refseg.devices import select_device
-from refseg.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from refseg.models.devices import select_device
+from refseg.method.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from refseg.models.checkpoints import (
     CheckpointError,
     CheckpointSpec,

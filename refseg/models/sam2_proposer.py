@@ -1,4 +1,4 @@
-"""SAM 2 as a :class:`~refseg.interfaces.ProposalGenerator`: masks from a grid of point prompts.
+"""SAM 2 as a :class:`~refseg.method.interfaces.ProposalGenerator`: masks from a grid of point prompts.
 
 The model is Meta's official ``sam2`` package, built from its packaged Hydra
 configs; the weights come from the official ``{"model": state_dict}`` checkpoints
@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from refseg.config import ProposalConfig
-from refseg.devices import select_device
-from refseg.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from refseg.interfaces import Proposals
+from refseg.method.config import ProposalConfig
+from refseg.models.devices import select_device
+from refseg.method.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from refseg.method.interfaces import Proposals
 from refseg.models.checkpoints import (
     CheckpointError,
     CheckpointSpec,

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Sequence
 
 
-from .files import mkstemp as _mkstemp
-from .images import ImageLoadError
-from .pipeline import Segmenter
-from .prefetch import read_ahead
+from refseg.io.files import mkstemp as _mkstemp
+from refseg.io.images import ImageLoadError
+from refseg.method.pipeline import Segmenter
+from refseg.runtime.prefetch import read_ahead
 
 _PARTIAL_KEY = "refseg_partial"
 _PARTIAL_VERSION = 1
@@ -128,7 +128,7 @@ def list_images(folder: str | os.PathLike) -> list[tuple[int, str]]:
 
 def run_fingerprint(segmenter, category_ids: dict[str, int] | list[int] | None) -> dict:
     """What identifies a run's output: the segmenter's identity (models with their weights' content,
-    bank content, settings; :mod:`refseg.identity`) and the category ids written."""
+    bank content, settings; :mod:`refseg.method.identity`) and the category ids written."""
     return {**segmenter.identity(),
             "category_ids": category_ids if not isinstance(category_ids, dict) else dict(category_ids)}
 

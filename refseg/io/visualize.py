@@ -11,8 +11,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .images import ImageLoadError, load_image
-from .results import Detections, decode_rle
+from refseg.io.images import ImageLoadError, load_image
+from refseg.method.results import Detections, decode_rle
 
 MASK_ALPHA = 0.45  # weight of the class colour inside a mask
 BOX_WIDTH = 2  # box outline, pixels

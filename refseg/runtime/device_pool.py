@@ -1,11 +1,11 @@
 """Every local device at once: one worker process per device, results in input order.
 
 :class:`DevicePool` has the :meth:`Segmenter.predict_batch` interface, so the resumable
-runner (:func:`refseg.predict_job.run_prediction`) drives several GPUs exactly as it
+runner (:func:`refseg.runtime.predict_job.run_prediction`) drives several GPUs exactly as it
 drives one: each batch is split into contiguous parts, one per device, labelled in
 parallel and put back in order, so no image is lost, duplicated or reordered.
 
-With ``candidate_dir`` the workers share one :class:`~refseg.candidate_cache.CandidateCache`
+With ``candidate_dir`` the workers share one :class:`~refseg.runtime.candidate_cache.CandidateCache`
 (``pool.cache``, a sub-folder per stage-1 settings, as ``refseg predict --candidate-cache``):
 an image with an entry is neither decoded nor sent; the worker that labels it reads the entry.
 
@@ -23,12 +23,12 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from .candidate_cache import CandidateCache
-from .config import PipelineConfig
-from .identity import describe_difference
-from .memory_bank import MemoryBank
-from .pipeline import PreparedImage, cache_key
-from .results import Detections, masks_to_boxes
+from refseg.runtime.candidate_cache import CandidateCache
+from refseg.method.config import PipelineConfig
+from refseg.method.identity import describe_difference
+from refseg.method.memory_bank import MemoryBank
+from refseg.method.pipeline import PreparedImage, cache_key
+from refseg.method.results import Detections, masks_to_boxes
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,8 @@ class SegmenterSpec:
 
     def build(self, device: str):
         """The :class:`Segmenter` this spec describes, on ``device``."""
-        from .pipeline import Segmenter
-        from .plugins import build_encoder, build_proposer
+        from refseg.method.pipeline import Segmenter
+        from refseg.models.registry import build_encoder, build_proposer
 
         cfg = PipelineConfig.from_dict(self.config)
         # the seed before each network, as the CLI and the FiftyOne plugin build them: with
@@ -219,7 +219,7 @@ class DevicePool:
 
     # the reading-ahead interface of Segmenter
     def prepare(self, image, cache=None, key: str | None = None) -> PreparedImage:
-        """What a worker needs to label ``image`` (:meth:`refseg.pipeline.Segmenter.prepare`).
+        """What a worker needs to label ``image`` (:meth:`refseg.method.pipeline.Segmenter.prepare`).
 
         ``cache`` can only be this pool's :attr:`cache` (``candidate_dir``): an image file with
         an entry is not decoded here; its worker reads the entry. Otherwise: the decoded image.

@@ -2,7 +2,7 @@
 
 Any object with these attributes and methods can be plugged in, from Python or
 from the command line by import path (``--proposer package.module:Class``,
-``--encoder package.module:Class``; see :func:`refseg.plugins.load_component`).
+``--encoder package.module:Class``; see :func:`refseg.models.registry.load_component`).
 Images cross these interfaces as float tensors in [0, 1] (no normalisation: each
 component normalises for itself), on the component's device.
 """

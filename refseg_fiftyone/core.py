@@ -37,14 +37,14 @@ from fiftyone import ViewField as F
 
 import refseg
 from refseg import ImageLoadError, MemoryBank, Reference, ReferenceEncoder, Segmenter, UnusableReference
-from refseg.candidate_cache import CandidateCache
-from refseg.config import PipelineConfig, get_preset
-from refseg.devices import select_device
-from refseg.identity import identity_key
+from refseg.runtime.candidate_cache import CandidateCache
+from refseg.method.config import PipelineConfig, get_preset
+from refseg.models.devices import select_device
+from refseg.method.identity import identity_key
 from refseg.models.checkpoints import sha256_file
-from refseg.images import image_size
-from refseg.plugins import build_encoder, build_proposer
-from refseg.prefetch import read_ahead
+from refseg.io.images import image_size
+from refseg.models.registry import build_encoder, build_proposer
+from refseg.runtime.prefetch import read_ahead
 
 from .convert import (box_to_pixels, detection_box_pixels, detection_mask, mask_to_crop, pixel_xywh,
                       to_fiftyone_detections)
@@ -594,7 +594,7 @@ def update_memory_bank_from_review(samples, *, bank_name: str = DEFAULT_BANK,
 
 def run_key(segmenter) -> str:
     """Identity of a labelling run: the models with their weights' content, the bank's content and every
-    setting (:mod:`refseg.identity`), as a short hash stored on every sample it labels."""
+    setting (:mod:`refseg.method.identity`), as a short hash stored on every sample it labels."""
     return identity_key(segmenter.identity())
 
 
@@ -650,7 +650,7 @@ def parse_devices(devices: str | Iterable[str] | None) -> list[str] | None:
     ``"all"``: every CUDA device (the CPU where there is none); ``"cuda:0,cuda:1"`` (or a
     list): those. Each named device must exist here (a ValueError says what there is).
     """
-    from refseg.device_pool import local_devices
+    from refseg.runtime.device_pool import local_devices
 
     if devices is None:
         return None
@@ -668,8 +668,8 @@ def parse_devices(devices: str | Iterable[str] | None) -> list[str] | None:
 
 def segmenter_spec(dataset: fo.Dataset, bank_name: str, record: dict, models: ModelSettings,
                    config: PipelineConfig):
-    """A :class:`refseg.device_pool.SegmenterSpec` that builds, in a worker process, the Segmenter of this run."""
-    from refseg.device_pool import SegmenterSpec
+    """A :class:`refseg.runtime.device_pool.SegmenterSpec` that builds, in a worker process, the Segmenter of this run."""
+    from refseg.runtime.device_pool import SegmenterSpec
 
     return SegmenterSpec(
         proposer=models.proposer, encoder=models.encoder, bank_path=str(_bank_file(dataset, record, bank_name)),
@@ -706,7 +706,7 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
     or unreadable image is reported and the others are labelled.
 
     ``cache_candidates`` keeps each image's proposals and features on disk
-    (:class:`refseg.candidate_cache.CandidateCache` under :func:`candidate_dir`), so
+    (:class:`refseg.runtime.candidate_cache.CandidateCache` under :func:`candidate_dir`), so
     labelling again after the bank changed (review loop) or with other merge settings
     runs no network; the labels are the same as without the cache.
 
@@ -717,7 +717,7 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
     shards: resuming works within a shard and across shard counts.
 
     ``devices``: several local devices at once (``"all"``, ``"cuda:0,cuda:1"``), one worker
-    process each (:class:`refseg.device_pool.DevicePool`); ``batch_size`` is then per device.
+    process each (:class:`refseg.runtime.device_pool.DevicePool`); ``batch_size`` is then per device.
     None or "" (or a single device) labels in this process on ``device`` / that device. The
     workers share the candidate cache.
     """
@@ -744,7 +744,7 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
     # the run's identity needs the models (their weights' content): build them first
     segmenter = cache = None
     if device_list is not None:
-        from refseg.device_pool import DevicePool
+        from refseg.runtime.device_pool import DevicePool
 
         used_devices = device_list  # one worker process per device, each with its own proposer, encoder and bank
         segmenter = DevicePool(segmenter_spec(dataset, bank_name, record, models, config), device_list,

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torchvision.ops import batched_nms, masks_to_boxes
 
-from .upsampling import output_windows, window_masks
+from refseg.method.upsampling import output_windows, window_masks
 
 BAND_BYTES = 256 << 20  # upsampled_intersections: masks held at once
 
@@ -35,7 +35,7 @@ def intersections_by_class(masks: torch.Tensor, labels: torch.Tensor, windows: t
     masks [N, H, W] bool. Without ``windows``: matmuls over pixel chunks, one class at a
     time, so memory stays bounded and no pair of different classes costs anything.
     ``windows`` [N, 4] (y0, y1, x0, x1), half-open, bound where each mask can be True
-    (:func:`refseg.upsampling.output_windows`): then, on the CPU, each mask is counted
+    (:func:`refseg.method.upsampling.output_windows`): then, on the CPU, each mask is counted
     against the same-class masks whose windows meet its own, inside its window only, so
     the work follows the masks' areas rather than the image's (the counts are the same).
     Elsewhere (a GPU) the few large matmuls are faster than one small step per mask.
@@ -87,7 +87,7 @@ def upsampled_intersections(logits: torch.Tensor, labels: torch.Tensor, size: tu
                             band_bytes: int = BAND_BYTES) -> torch.Tensor:
     """:func:`intersections_by_class` of ``upsample_masks(logits, size, threshold)``, without holding them all.
 
-    Each mask is upsampled once, inside its window only (:func:`refseg.upsampling.window_masks`,
+    Each mask is upsampled once, inside its window only (:func:`refseg.method.upsampling.window_masks`,
     kept at 1 bit a pixel on the CPU);
     the counts are then taken one band of rows at a time, the band holding at most
     ``band_bytes`` of full-width masks (counts add up over bands), so memory stays bounded

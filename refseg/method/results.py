@@ -77,7 +77,7 @@ class Detections:
         The box rule, applied here and nowhere else: ``bbox`` is the mask's exact extent
         (``w`` = last column - first column + 1), what FiftyOne labels and ``Detections.boxes``
         carry too. ``paper_box=True`` (``refseg predict`` with the ``paper`` preset only,
-        :attr:`refseg.config.OutputConfig.paper_box`) writes the reference's box instead: from
+        :attr:`refseg.method.config.OutputConfig.paper_box`) writes the reference's box instead: from
         inclusive pixel indices, one pixel short in width and height, to reproduce the
         published box AP. The box is computed from each mask's RLE, so it does not depend on
         how ``boxes`` were made.

@@ -186,7 +186,7 @@ class MemoryBank:
         }
         tmp = path.with_name(path.name + ".tmp")
         save_file({"embeddings": emb}, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
-        from .files import default_mode
+        from refseg.io.files import default_mode
 
         os.chmod(tmp, default_mode())  # safetensors may create the file 0600: follow the umask instead
         os.replace(tmp, path)

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import ReferenceConfig
-from .interfaces import FeatureEncoder, ProposalGenerator
-from .memory_bank import MemoryBank
-from .precision import autocast
-from .preprocess import squash_to_square, to_tensor
+from refseg.method.config import ReferenceConfig
+from refseg.method.interfaces import FeatureEncoder, ProposalGenerator
+from refseg.method.memory_bank import MemoryBank
+from refseg.method.precision import autocast
+from refseg.method.preprocess import squash_to_square, to_tensor
 
 
 class UnusableReference(ValueError):

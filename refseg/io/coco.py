@@ -28,8 +28,8 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from .images import ImageLoadError, load_image
-from .references import Reference, box_problem
+from refseg.io.images import ImageLoadError, load_image
+from refseg.method.references import Reference, box_problem
 
 # The 20 PASCAL VOC classes under their COCO names (the COCO-FSOD "novel" classes).
 VOC_CLASSES: tuple[str, ...] = (
@@ -219,7 +219,7 @@ def _check_records(data: dict, name: str, require_file_names: bool = False) -> N
 
 def box_prompts(coco: str | os.PathLike | dict, categories: str | Sequence[str | int] | None = None) -> list[dict]:
     """The annotations :func:`iter_references` will hand over as box-only references (no segmentation, a usable
-    box: see :func:`refseg.references.box_problem`, with the image size the file gives), i.e. those that need
+    box: see :func:`refseg.method.references.box_problem`, with the image size the file gives), i.e. those that need
     the proposal model. An empty list means building the bank needs no proposal model."""
     data = read_coco(coco)
     wanted = resolve_classes(categories, data)

@@ -4,7 +4,7 @@
 FiftyOne plugin call. A registry name (``sam2.1_hiera_t``, ``dinov2_vitl14``)
 builds the bundled SAM2 / DINOv2 components; an import path builds a third-party
 component through :func:`load_component`. Either way the result is checked
-against the :mod:`refseg.interfaces` protocols.
+against the :mod:`refseg.method.interfaces` protocols.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from refseg.config import ProposalConfig
-from refseg.devices import select_device
-from refseg.interfaces import FeatureEncoder, ProposalGenerator
+from refseg.method.config import ProposalConfig
+from refseg.models.devices import select_device
+from refseg.method.interfaces import FeatureEncoder, ProposalGenerator
 
 
 def load_component(spec: str, **kwargs: Any) -> Any:
@@ -67,7 +67,7 @@ def _check(obj: Any, protocol: type, members: tuple[str, ...], spec: str) -> Non
         missing = [m for m in members if not hasattr(obj, m)]
         raise TypeError(
             f"component {spec!r} built a {type(obj).__name__}, which does not implement "
-            f"{protocol.__name__} (missing: {', '.join(missing) or '?'}); see refseg.interfaces"
+            f"{protocol.__name__} (missing: {', '.join(missing) or '?'}); see refseg.method.interfaces"
         )
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 import fiftyone as fo
 
 import refseg
-from refseg.results import masks_to_boxes
+from refseg.method.results import masks_to_boxes
 
 
 # How many decimals a recovered pixel coordinate may have (see _pixel_value).
@@ -56,7 +56,7 @@ def pixel_xywh(bounding_box, height: int, width: int) -> tuple[float, float, flo
 def detection_box_pixels(detection: fo.Detection, height: int, width: int) -> tuple[float, float, float, float]:
     """A detection's box as float pixel ``(x1, y1, x2, y2)`` (reference boxes, box prompts).
 
-    Exactly what :func:`refseg.coco.iter_references` makes of the COCO ``bbox`` the
+    Exactly what :func:`refseg.io.coco.iter_references` makes of the COCO ``bbox`` the
     detection was imported from: ``(x, y, x + w, y + h)``.
     """
     x, y, w, h = pixel_xywh(detection.bounding_box, height, width)

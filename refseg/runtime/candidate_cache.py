@@ -1,4 +1,4 @@
-"""On-disk cache of stage-1 outputs (:class:`~refseg.pipeline.Candidates`), so that
+"""On-disk cache of stage-1 outputs (:class:`~refseg.method.pipeline.Candidates`), so that
 re-matching after a change of references or merge settings runs no network.
 
 Stage 1 (:meth:`Segmenter.propose`: SAM2 proposals + DINOv2 features) depends only on
@@ -79,11 +79,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from .files import mkstemp as _mkstemp
-from .identity import component_identity, identity_key
+from refseg.io.files import mkstemp as _mkstemp
+from refseg.method.identity import component_identity, identity_key
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .pipeline import Candidates, Segmenter
+    from refseg.method.pipeline import Candidates, Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -148,12 +148,12 @@ def image_key(source: Any) -> str:
         try:
             st = path.stat()
         except OSError as exc:
-            from .images import ImageLoadError
+            from refseg.io.images import ImageLoadError
             raise ImageLoadError(f"image not found: {source}") from exc
         digest.update(f"file:{path}|{st.st_size}|{st.st_mtime_ns}".encode())
     else:
         if isinstance(source, Image.Image):
-            from .images import load_image
+            from refseg.io.images import load_image
             source = load_image(source)
         arr = np.ascontiguousarray(np.asarray(source))
         digest.update(f"array:{arr.shape}|{arr.dtype}".encode())
@@ -393,7 +393,7 @@ class CandidateCache:
 
     def get(self, key: str, device: torch.device | str | None = None) -> "Candidates | None":
         """The stored candidates of ``key`` (on ``device``), or None when missing or corrupt (see ``stats``)."""
-        from .pipeline import Candidates
+        from refseg.method.pipeline import Candidates
 
         self._require_bound()
         path = self.path_for(key)

@@ -18,17 +18,17 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .config import PAPER, PipelineConfig
-from .identity import component_identity, run_identity
-from .images import load_image
-from .interfaces import FeatureEncoder, ProposalGenerator
-from .matching import match_to_prototypes, pool_features
-from .memory_bank import MemoryBank
-from .merging import class_aware_nms, mask_boxes, soft_merge_scores, top_k, upsampled_intersections
-from .precision import autocast
-from .preprocess import resize_for_encoder, squash_to_square
-from .results import Detections, masks_to_boxes
-from .upsampling import upsample_masks
+from refseg.method.config import PAPER, PipelineConfig
+from refseg.method.identity import component_identity, run_identity
+from refseg.io.images import load_image
+from refseg.method.interfaces import FeatureEncoder, ProposalGenerator
+from refseg.method.matching import match_to_prototypes, pool_features
+from refseg.method.memory_bank import MemoryBank
+from refseg.method.merging import class_aware_nms, mask_boxes, soft_merge_scores, top_k, upsampled_intersections
+from refseg.method.precision import autocast
+from refseg.method.preprocess import resize_for_encoder, squash_to_square
+from refseg.method.results import Detections, masks_to_boxes
+from refseg.method.upsampling import upsample_masks
 
 ImageInput = "str | os.PathLike | np.ndarray | PIL.Image.Image"
 
@@ -104,7 +104,7 @@ class Segmenter:
         self._negatives, self._negative_labels = bank.embeddings(negative=True)
 
     def identity(self) -> dict:
-        """What determines this segmenter's results (:func:`refseg.identity.run_identity`)."""
+        """What determines this segmenter's results (:func:`refseg.method.identity.run_identity`)."""
         return run_identity(self.config, component_identity(self.proposer), component_identity(self.encoder),
                             self.bank)
 
@@ -176,9 +176,9 @@ class Segmenter:
         """Read what labelling ``image`` needs, ahead of the networks (safe in a reader thread).
 
         Without ``cache``: the decoded image. With ``cache`` (a
-        :class:`~refseg.candidate_cache.CandidateCache`): the image's stored candidates when
+        :class:`~refseg.runtime.candidate_cache.CandidateCache`): the image's stored candidates when
         there is an entry (no image decode), else the decoded image; ``key`` replaces the
-        default key (path + size + mtime, or pixels). Raises :class:`~refseg.images.ImageLoadError`.
+        default key (path + size + mtime, or pixels). Raises :class:`~refseg.io.images.ImageLoadError`.
         """
         key = cache_key(image, cache, key)
         if cache is None:
@@ -205,7 +205,7 @@ class Segmenter:
     def predict_batch(self, images: Sequence, cache=None, keys: Sequence[str] | None = None) -> list[Detections]:
         """Label a batch of images; the networks see them as one batch.
 
-        With ``cache`` (a :class:`~refseg.candidate_cache.CandidateCache`), stage 1 of an image
+        With ``cache`` (a :class:`~refseg.runtime.candidate_cache.CandidateCache`), stage 1 of an image
         found in it is read from disk (no network, no image decode) and stage 1 of the others
         is computed and stored; ``keys`` replace the default keys (path + size + mtime, or pixels).
         """

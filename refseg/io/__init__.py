@@ -1,0 +1,1 @@
+"""Input and output: images, COCO files, pictures of results, atomic file writing."""

@@ -1,0 +1,1 @@
+"""The method: settings, references and memory bank, matching, upsampling, merging, the Segmenter, results."""
