@@ -30,9 +30,10 @@ import torch
 
 import refseg
 import refseg.method.pipeline as pipeline_module
-from refseg import MemoryBank, Segmenter, get_preset, load_image
+from refseg import MemoryBank, Segmenter, load_image
 from refseg.models.devices import select_device
-from refseg.models.registry import build_encoder, build_proposer
+from refseg.models.registry import DEFAULT_ENCODER, DEFAULT_PROPOSER
+from refseg.runtime.run_spec import RunSpec
 from refseg.testing import draw_scene
 
 # "merging": soft merging, including the masks it upsamples to measure overlaps; "upsampling": the kept top-k
@@ -128,8 +129,8 @@ def machine_info(device: torch.device) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="paper", help="settings preset (paper, fast)")
-    p.add_argument("--proposer", default="sam2_hiera_l", help="proposal model name or import path")
-    p.add_argument("--encoder", default="dinov2_vitl14", help="feature encoder name or import path")
+    p.add_argument("--proposer", default=DEFAULT_PROPOSER, help="proposal model name or import path")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER, help="feature encoder name or import path")
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: best available)")
     p.add_argument("--images", type=int, default=20, help="images timed (after warm-up)")
     p.add_argument("--warmup", type=int, default=2, help="images run before timing")
@@ -143,25 +144,25 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the figures here as JSON")
     args = p.parse_args(argv)
 
-    cfg = get_preset(args.preset)
+    overrides = list(args.set)
+    encoder_size = None  # the encoder's own: 518 for DINOv2, the paper's
     if args.small:
         args.proposer, args.encoder = "sam2.1_hiera_t", "dinov2_vits14"
         args.images, args.warmup, args.height, args.width = min(args.images, 4), 1, 240, 320
-        cfg = cfg.with_overrides(**{"proposal.image_size": 512, "proposal.points_per_side": 8})
+        overrides = ["proposal.image_size=512", "proposal.points_per_side=8", *overrides]
         encoder_size = 224
-    else:
-        encoder_size = 518
-    overrides = dict(kv.split("=", 1) for kv in args.set)
     if args.keep_all_proposals:
-        overrides["proposal.pred_iou_threshold"] = "-1"
-    cfg = cfg.with_overrides(**overrides)
+        overrides.append("proposal.pred_iou_threshold=-1")
+    spec = RunSpec(proposer=args.proposer, encoder=args.encoder, preset=args.preset, overrides=overrides,
+                   encoder_input_size=encoder_size, random_init=True)
+    cfg = spec.config()
     device = select_device(args.device)
 
     print(f"refseg benchmark: {args.proposer} + {args.encoder}, preset {cfg.name}, device {device}")
     print("weights: random (compute does not depend on weight values; timings are those of the real networks)")
     t0 = time.perf_counter()
-    proposer = build_proposer(args.proposer, device=device, config=cfg.proposal, random_init=True)
-    encoder = build_encoder(args.encoder, device=device, input_size=encoder_size, random_init=True)
+    proposer = spec.build_proposer(device)
+    encoder = spec.build_encoder(device)
     build_s = time.perf_counter() - t0
     bank = MemoryBank(encoder.settings())
     gen = torch.Generator().manual_seed(0)

@@ -115,7 +115,7 @@ def _bank_input(ctx, inputs) -> str | None:
 
 
 def _model_inputs(ctx, inputs) -> None:
-    settings = core.default_model_settings(ctx.dataset)
+    settings = core.default_run_spec(ctx.dataset)
     proposers = types.AutocompleteView()
     for name in PROPOSER_CHOICES:
         proposers.add_choice(name, label=name)
@@ -130,7 +130,8 @@ def _model_inputs(ctx, inputs) -> None:
                description="Local weights file (optional; default: cache, downloaded once)")
     inputs.str("encoder_checkpoint", default=None, label="Feature encoder checkpoint",
                description="Local weights file (optional; default: cache, downloaded once)")
-    inputs.int("encoder_input_size", default=settings.encoder_input_size, min=14, label="Encoder input size")
+    inputs.int("encoder_input_size", default=settings.encoder_input_size, min=14, label="Encoder input size",
+               description="In pixels; blank: the encoder's own (518 for DINOv2)")
     _preset_input(inputs, settings.preset)
 
 
@@ -156,9 +157,9 @@ def _delegate_input(ctx, inputs, default: bool) -> None:
             label="Delegated: the job is queued and runs when a worker picks it up (`fiftyone delegated launch`)"))
 
 
-def _model_settings(ctx, base: core.ModelSettings) -> core.ModelSettings:
+def _model_settings(ctx, base: core.RunSpec) -> core.RunSpec:
     p = ctx.params
-    return base.updated(proposer=p.get("proposer"), encoder=p.get("encoder"), preset=p.get("preset"),
+    return base.with_changes(proposer=p.get("proposer"), encoder=p.get("encoder"), preset=p.get("preset"),
                         overrides=p.get("overrides"), encoder_input_size=p.get("encoder_input_size"),
                         proposer_checkpoint=p.get("proposer_checkpoint"),
                         encoder_checkpoint=p.get("encoder_checkpoint"), random_init=p.get("random_init"))
@@ -285,7 +286,7 @@ class BuildMemoryBank(_RefsegOperator):
 
     def execute(self, ctx):
         p = ctx.params
-        models = _model_settings(ctx, core.default_model_settings(ctx.dataset))
+        models = _model_settings(ctx, core.default_run_spec(ctx.dataset))
         report = core.build_memory_bank(
             _scope_view(ctx), label_field=p.get("label_field"), bank_name=p.get("bank_name") or core.DEFAULT_BANK,
             reference_tag=p.get("reference_tag") or core.DEFAULT_REFERENCE_TAG, classes=p.get("classes") or None,
@@ -500,7 +501,7 @@ class BoxesToMasks(_RefsegOperator):
         inputs.str("out_field", default=None, label="Output field",
                    description="Write to a copy of the field (default: in place)")
         inputs.bool("overwrite", default=False, label="Replace existing masks too")
-        settings = core.default_model_settings(ctx.dataset)
+        settings = core.default_run_spec(ctx.dataset)
         proposers = types.AutocompleteView()
         for name in PROPOSER_CHOICES:
             proposers.add_choice(name, label=name)
@@ -514,7 +515,7 @@ class BoxesToMasks(_RefsegOperator):
 
     def execute(self, ctx):
         p = ctx.params
-        models = _model_settings(ctx, core.default_model_settings(ctx.dataset))
+        models = _model_settings(ctx, core.default_run_spec(ctx.dataset))
         generator = core.iter_boxes_to_masks(_scope_view(ctx), label_field=p.get("label_field"),
                                              out_field=p.get("out_field") or None, models=models,
                                              device=p.get("device"), overwrite=bool(p.get("overwrite", False)))

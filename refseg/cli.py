@@ -20,9 +20,8 @@ from typing import Sequence
 
 from . import __version__
 
-DEFAULT_PROPOSER = "sam2_hiera_l"
-DEFAULT_ENCODER = "dinov2_vitl14"
-DEFAULT_INPUT_SIZE = 518
+from refseg.models.registry import DEFAULT_ENCODER, DEFAULT_PROPOSER
+
 REFERENCE_CHUNK = 64  # references decoded and encoded at a time by build-bank (bounds memory)
 
 
@@ -64,32 +63,21 @@ def _need_dir(path: str, what: str) -> Path:
     return p
 
 
-def _parse_value(text: str):
-    """``--set`` values: JSON when it parses (numbers, true/false, null), else the string."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _config(args):
-    """The pipeline settings: the preset, then ``--set key=value`` overrides in order."""
-    from refseg.method.config import get_preset
+def _run_spec(args, **changes):
+    """The run specification of the command's arguments: models, checkpoints, ``--preset``, ``--set``
+    (``changes`` replace fields, e.g. the encoder a bank was built with)."""
+    from refseg.runtime.run_spec import RunSpec, RunSpecError
 
     try:
-        cfg = get_preset(args.preset)
-    except KeyError as exc:
-        raise UsageError(exc.args[0]) from None
-    overrides = {}
-    for item in args.set or []:
-        if "=" not in item:
-            raise UsageError(f"--set expects KEY=VALUE (e.g. merge.top_k=50), got {item!r}")
-        key, value = item.split("=", 1)
-        overrides[key.strip()] = _parse_value(value.strip())
-    try:
-        return cfg.with_overrides(**overrides)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UsageError(f"bad --set: {exc.args[0] if exc.args else exc}") from None
+        return RunSpec(
+            proposer=getattr(args, "proposer", DEFAULT_PROPOSER), encoder=getattr(args, "encoder", None) or DEFAULT_ENCODER,
+            preset=args.preset, overrides=args.set or (), encoder_input_size=getattr(args, "input_size", None),
+            proposer_checkpoint=args.proposer_checkpoint, encoder_checkpoint=args.encoder_checkpoint,
+            random_init=args.random_weights, cache_dir=args.cache_dir, offline=args.offline or None,
+        ).with_changes(**changes)
+    except RunSpecError as exc:
+        message = str(exc).replace("bad setting override: ", "bad --set: ")
+        raise UsageError(message) from None
 
 
 def _random_weights_banner() -> None:
@@ -98,20 +86,14 @@ def _random_weights_banner() -> None:
           f"!! meaningless; this only tries the flow without checkpoints.\n{bar}", file=sys.stderr, flush=True)
 
 
-def _build(kind: str, spec: str, args, **kwargs):
-    """Build the proposer or encoder; import/registry problems become usage errors."""
-    from refseg.models import registry as plugins
-
-    build = plugins.build_proposer if kind == "proposer" else plugins.build_encoder
-    if getattr(args, "random_weights", False):
-        import torch
-
-        torch.manual_seed(0)  # the same random networks in build-bank and predict
+def _build(kind: str, spec, args):
+    """Build the proposer or encoder of ``spec``; import/registry problems become usage errors."""
+    build = spec.build_proposer if kind == "proposer" else spec.build_encoder
     try:
-        return build(spec, device=args.device, cache_dir=args.cache_dir, offline=args.offline or None,
-                     random_init=getattr(args, "random_weights", False), **kwargs)
+        return build(args.device)
     except (ImportError, AttributeError, TypeError, KeyError) as exc:
-        raise UsageError(f"cannot build {kind} {spec!r}: {exc.args[0] if exc.args else exc}") from None
+        name = spec.proposer if kind == "proposer" else spec.encoder
+        raise UsageError(f"cannot build {kind} {name!r}: {exc.args[0] if exc.args else exc}") from None
 
 
 def _write_json(path: Path, data) -> None:
@@ -154,7 +136,8 @@ def cmd_build_bank(args) -> int:
     image_dir = _need_dir(args.images, "image folder")
     if args.add_to:
         _need_file(args.add_to, "bank to add to")
-    cfg = _config(args)
+    spec = _run_spec(args)
+    cfg = spec.config()
     data = read_coco(refs_path)
     wanted = resolve_classes(args.classes, data)
     annotations = [a for a in data["annotations"] if wanted is None or int(a["category_id"]) in wanted]
@@ -165,7 +148,7 @@ def cmd_build_bank(args) -> int:
 
     if args.random_weights:
         _random_weights_banner()
-    encoder = _build("encoder", args.encoder, args, checkpoint=args.encoder_checkpoint, input_size=args.input_size)
+    encoder = _build("encoder", spec, args)
     if args.add_to:
         bank = MemoryBank.load(args.add_to, encoder.settings())
         _say(f"adding to {args.add_to}: {bank}")
@@ -174,7 +157,7 @@ def cmd_build_bank(args) -> int:
     proposer = None
     if box_only:
         _say(f"{box_only} box-only reference(s): loading {args.proposer} to turn boxes into masks")
-        proposer = _build("proposer", args.proposer, args, checkpoint=args.proposer_checkpoint, config=cfg.proposal)
+        proposer = _build("proposer", spec, args)
     ref_encoder = ReferenceEncoder(encoder, cfg.reference, proposer, cfg.proposal.image_size, cfg.precision)
 
     report = BankReport()
@@ -268,8 +251,7 @@ def cmd_predict(args) -> int:
 def _cmd_predict(args) -> int:
     from refseg.io.coco import read_coco, target_images
     from refseg.method.memory_bank import MemoryBank
-    from refseg.method.pipeline import Segmenter
-    from refseg.runtime.device_pool import DevicePool, SegmenterSpec, local_devices
+    from refseg.runtime.device_pool import DevicePool, local_devices
     from refseg.runtime.predict_job import list_images, run_prediction, sidecar_path
 
     bank_path = _need_file(args.bank, "memory bank")
@@ -279,7 +261,7 @@ def _cmd_predict(args) -> int:
     if args.limit is not None and args.limit < 1:
         raise UsageError(f"--limit must be at least 1 (got {args.limit})")
     coco = read_coco(_need_file(args.coco, "targets' COCO file"), require_file_names=True) if args.coco else None
-    cfg = _config(args)
+    spec = _run_spec(args)  # settings are checked before anything is read
     bank = MemoryBank.load(bank_path)
     bank.check_usable()
 
@@ -293,35 +275,30 @@ def _cmd_predict(args) -> int:
         raise UsageError(f"no target image: {'the COCO file lists none' if coco else f'no image file in {image_dir}'}")
     mapping, categories = _category_ids(bank.class_names, coco)
 
-    encoder_spec = args.encoder
-    if encoder_spec is None:
+    encoder_name = args.encoder
+    if encoder_name is None:
         from refseg.models.dinov2_encoder import DINOV2_VARIANTS
 
-        encoder_spec = str(bank.encoder_settings.get("name", ""))
-        if encoder_spec not in DINOV2_VARIANTS:
-            raise UsageError(f"the bank was built with encoder {encoder_spec!r}, which is not a registered model "
+        encoder_name = str(bank.encoder_settings.get("name", ""))
+        if encoder_name not in DINOV2_VARIANTS:
+            raise UsageError(f"the bank was built with encoder {encoder_name!r}, which is not a registered model "
                              f"name: pass it with --encoder (e.g. --encoder package.module:Class)")
-    input_size = int(bank.encoder_settings.get("input_size", DEFAULT_INPUT_SIZE))
+    spec = spec.with_changes(encoder=encoder_name, encoder_input_size=bank.encoder_settings.get("input_size"))
+    cfg = spec.config()
     if args.random_weights:
         _random_weights_banner()
     devices = local_devices(args.devices) if args.devices else []
     batch_size = args.batch_size
     if len(devices) > 1:
-        spec = SegmenterSpec(proposer=args.proposer, encoder=encoder_spec, bank_path=str(bank_path),
-                             config=cfg.to_dict(), proposer_checkpoint=args.proposer_checkpoint,
-                             encoder_checkpoint=args.encoder_checkpoint, encoder_input_size=input_size,
-                             cache_dir=args.cache_dir, offline=args.offline or None, random_init=args.random_weights,
-                             seed=0 if args.random_weights else None)
         _say(f"starting {len(devices)} workers: {', '.join(devices)}")
-        segmenter = DevicePool(spec, devices, candidate_dir=args.candidate_cache)
+        segmenter = DevicePool(spec, bank_path, devices, candidate_dir=args.candidate_cache)
         batch_size *= len(devices)
     else:
         if devices:
             args.device = devices[0]
-        encoder = _build("encoder", encoder_spec, args, checkpoint=args.encoder_checkpoint, input_size=input_size)
+        encoder = _build("encoder", spec, args)
         bank.check_encoder(encoder.settings())
-        proposer = _build("proposer", args.proposer, args, checkpoint=args.proposer_checkpoint, config=cfg.proposal)
-        segmenter = Segmenter(proposer, encoder, bank, cfg)
+        segmenter = spec.build_segmenter(bank, proposer=_build("proposer", spec, args), encoder=encoder)
 
     cache = None
     if args.candidate_cache and isinstance(segmenter, DevicePool):
@@ -536,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output bank (.safetensors)")
     p.add_argument("--encoder", default=DEFAULT_ENCODER,
                    help=f"DINOv2 name or import path package.module:Class (default {DEFAULT_ENCODER})")
-    p.add_argument("--input-size", type=int, default=DEFAULT_INPUT_SIZE, help="encoder input size (default 518)")
+    p.add_argument("--input-size", type=int, default=None,
+                   help="encoder input size in px (default: the encoder's own, 518 for DINOv2)")
     p.add_argument("--classes", help="only these classes: 'voc' or a comma list of names or ids")
     p.add_argument("--add-to", metavar="BANK", help="add to this existing bank instead of starting a new one")
     p.add_argument("--negative", action="store_true", help="store the references as negatives of their class")

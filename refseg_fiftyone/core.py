@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable
 
@@ -36,14 +35,13 @@ import fiftyone.core.utils as fou
 from fiftyone import ViewField as F
 
 import refseg
-from refseg import ImageLoadError, MemoryBank, Reference, ReferenceEncoder, Segmenter, UnusableReference
+from refseg import ImageLoadError, MemoryBank, Reference, ReferenceEncoder, UnusableReference
 from refseg.runtime.candidate_cache import CandidateCache
-from refseg.method.config import PipelineConfig, get_preset
 from refseg.models.devices import select_device
 from refseg.method.identity import identity_key
 from refseg.models.checkpoints import sha256_file
 from refseg.io.images import image_size
-from refseg.models.registry import build_encoder, build_proposer
+from refseg.runtime.run_spec import RunSpec, format_overrides, parse_overrides  # noqa: F401 (plugin API)
 from refseg.runtime.prefetch import read_ahead
 
 from .convert import (box_to_pixels, detection_box_pixels, detection_mask, mask_to_crop, pixel_xywh,
@@ -57,8 +55,9 @@ BANK_ATTR = "refseg_bank"  # on a labelled sample's Detections: the bank name
 BANK_DIR_ENV = "REFSEG_BANK_DIR"
 CANDIDATE_DIR_ENV = "REFSEG_CANDIDATE_DIR"
 
-DEFAULT_PROPOSER = "sam2_hiera_l"  # the paper's models
-DEFAULT_ENCODER = "dinov2_vitl14"
+# The FiftyOne labels of the presets "default" and "paper" are the same (paper mode differs only in COCO
+# results files' boxes); banks are recorded with "paper", as they always were.
+DEFAULT_PRESET = "paper"
 DEFAULT_BANK = "default"
 DEFAULT_REFERENCE_TAG = "reference"
 DEFAULT_OUTPUT_FIELD = "refseg"
@@ -115,91 +114,12 @@ def bank_path(dataset: fo.Dataset, bank_name: str) -> Path:
     return bank_dir(dataset) / _slug(dataset.name) / f"{_slug(bank_name)}.safetensors"
 
 
-def parse_overrides(overrides: str | dict | Iterable | None) -> tuple[tuple[str, Any], ...]:
-    """Settings overrides as ``((dotted key, value), ...)``.
-
-    Accepts a dict, pairs, or text such as ``"proposal.image_size=256, merge.top_k=50"``
-    (separated by commas, semicolons or new lines; values read as JSON where they
-    parse, so ``none``/``null`` is None and ``256`` a number).
-    """
-    if not overrides:
-        return ()
-    if isinstance(overrides, dict):
-        items = list(overrides.items())
-    elif isinstance(overrides, str):
-        items = []
-        for part in re.split(r"[,;\n]+", overrides):
-            part = part.strip()
-            if not part:
-                continue
-            if "=" not in part:
-                raise ValueError(f"setting override {part!r} is not of the form key=value")
-            key, value = (s.strip() for s in part.split("=", 1))
-            items.append((key, _parse_value(value)))
-    else:
-        items = [tuple(p) for p in overrides]
-    return tuple((str(k), v) for k, v in items)
-
-
-def _parse_value(text: str) -> Any:
-    if text.lower() in ("none", "null"):
-        return None
-    try:
-        return json.loads(text.lower() if text.lower() in ("true", "false") else text)
-    except ValueError:
-        return text
-
-
-def format_overrides(overrides: Iterable[tuple[str, Any]]) -> str:
-    """Inverse of :func:`parse_overrides` for text input."""
-    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides)
-
-
-@dataclass(frozen=True)
-class ModelSettings:
-    """Which models and settings a bank is built and used with (stored in the bank's record)."""
-
-    proposer: str = DEFAULT_PROPOSER
-    encoder: str = DEFAULT_ENCODER
-    preset: str = "paper"
-    overrides: tuple[tuple[str, Any], ...] = ()
-    encoder_input_size: int = 518
-    proposer_checkpoint: str | None = None
-    encoder_checkpoint: str | None = None
-    random_init: bool = False  # random weights: for tests and timing only
-
-    def pipeline_config(self) -> PipelineConfig:
-        """The preset with the overrides applied (unknown names are a ValueError)."""
-        try:
-            return get_preset(self.preset).with_overrides(**dict(self.overrides))
-        except KeyError as exc:
-            raise ValueError(str(exc).strip("'\"")) from None
-
-    def updated(self, **changes: Any) -> "ModelSettings":
-        """Copy with the given fields changed; None leaves a field as it is."""
-        changes = {k: v for k, v in changes.items() if v is not None and v != ""}
-        if "overrides" in changes:
-            changes["overrides"] = parse_overrides(changes["overrides"])
-        return replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["overrides"] = [[k, v] for k, v in self.overrides]  # keys hold dots: no dict (BSON)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelSettings":
-        d = dict(d)
-        d["overrides"] = parse_overrides(d.get("overrides"))
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def default_model_settings(dataset: fo.Dataset | None = None, **changes: Any) -> ModelSettings:
-    """Model settings from the plugin settings (``proposer``, ``encoder``, ``preset``...) and ``changes``."""
+def default_run_spec(dataset: fo.Dataset | None = None, **changes: Any) -> RunSpec:
+    """The run specification of a new bank: the plugin settings (``proposer``, ``encoder``, ``preset``)
+    over refseg's defaults (the paper's models, preset :data:`DEFAULT_PRESET`), then ``changes``."""
     settings = plugin_settings(dataset)
-    base = ModelSettings().updated(**{k: settings.get(k) for k in ("proposer", "encoder", "preset")})
-    return base.updated(**changes)
+    base = RunSpec(preset=DEFAULT_PRESET).with_changes(**{k: settings.get(k) for k in ("proposer", "encoder", "preset")})
+    return base.with_changes(**changes)
 
 
 def resolve_device(name: str | None, dataset: fo.Dataset | None = None):
@@ -224,33 +144,18 @@ def _cached(key: tuple, build: Callable[[], Any]) -> Any:
     return obj
 
 
-def _seeded(random_init: bool, build: Callable[[], Any]) -> Any:
-    """Random weights are drawn from a fixed seed, so every process (App, worker) gets the same network."""
-    if not random_init:
-        return build()
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build()
+def load_encoder(spec: RunSpec, device) -> refseg.FeatureEncoder:
+    """The feature encoder of ``spec`` (cached per process)."""
+    key = ("encoder", spec.encoder, spec.encoder_checkpoint, spec.encoder_input_size, spec.random_init, spec.seed,
+           str(device))
+    return _cached(key, lambda: spec.build_encoder(device))
 
 
-def load_encoder(settings: ModelSettings, device) -> refseg.FeatureEncoder:
-    """The feature encoder named in ``settings`` (cached per process)."""
-    key = ("encoder", settings.encoder, settings.encoder_checkpoint, settings.encoder_input_size,
-           settings.random_init, str(device))
-    return _cached(key, lambda: _seeded(settings.random_init, lambda: build_encoder(
-        settings.encoder, device=device, checkpoint=settings.encoder_checkpoint,
-        input_size=settings.encoder_input_size, random_init=settings.random_init)))
-
-
-def load_proposer(settings: ModelSettings, device) -> refseg.ProposalGenerator:
-    """The proposal generator named in ``settings`` (cached per process)."""
-    proposal = settings.pipeline_config().proposal
-    key = ("proposer", settings.proposer, settings.proposer_checkpoint, proposal, settings.random_init, str(device))
-    return _cached(key, lambda: _seeded(settings.random_init, lambda: build_proposer(
-        settings.proposer, device=device, checkpoint=settings.proposer_checkpoint, config=proposal,
-        random_init=settings.random_init)))
+def load_proposer(spec: RunSpec, device) -> refseg.ProposalGenerator:
+    """The proposal generator of ``spec`` (cached per process)."""
+    key = ("proposer", spec.proposer, spec.proposer_checkpoint, spec.config().proposal, spec.random_init, spec.seed,
+           str(device))
+    return _cached(key, lambda: spec.build_proposer(device))
 
 
 def clear_component_cache() -> None:
@@ -332,7 +237,7 @@ def load_bank(dataset: fo.Dataset, bank_name: str) -> tuple[MemoryBank, dict]:
     return MemoryBank.load(path), record
 
 
-def _save_bank(dataset: fo.Dataset, bank_name: str, bank: MemoryBank, settings: ModelSettings,
+def _save_bank(dataset: fo.Dataset, bank_name: str, bank: MemoryBank, settings: RunSpec,
                path: Path | None = None, extra: dict | None = None, updating: bool = False) -> dict:
     """Write the bank file and its record in ``dataset.info`` (``updating``: keep the creation time)."""
     path = bank.save(path or bank_path(dataset, bank_name))
@@ -425,7 +330,7 @@ def _embed_into(bank: MemoryBank, ref_encoder: ReferenceEncoder, refs: list[Refe
 class _LazyProposer:
     """Gives a ReferenceEncoder its proposer only when a box-only reference needs one."""
 
-    def __init__(self, ref_encoder: ReferenceEncoder, settings: ModelSettings, device):
+    def __init__(self, ref_encoder: ReferenceEncoder, settings: RunSpec, device):
         self.ref_encoder, self.settings, self.device = ref_encoder, settings, device
 
     def ensure_for(self, refs: list[Reference]) -> None:
@@ -444,7 +349,7 @@ def _class_report(classes: Iterable[str], used: dict, skipped: list) -> list[dic
 
 def build_memory_bank(samples, *, label_field: str, bank_name: str = DEFAULT_BANK,
                       reference_tag: str = DEFAULT_REFERENCE_TAG, classes: Iterable[str] | None = None,
-                      models: ModelSettings | None = None, device: str | None = None,
+                      models: RunSpec | None = None, device: str | None = None,
                       batch_size: int = 8) -> dict:
     """Build (or rebuild) a memory bank from the samples tagged ``reference_tag``.
 
@@ -472,8 +377,8 @@ def build_memory_bank(samples, *, label_field: str, bank_name: str = DEFAULT_BAN
         raise ValueError(f"none of the classes {wanted} has an instance in {label_field!r} on the reference samples "
                          f"(present: {', '.join(present)})")
 
-    models = models or default_model_settings(dataset)
-    config = models.pipeline_config()
+    models = models or default_run_spec(dataset)
+    config = models.config()
     device = resolve_device(device, dataset)
     encoder = load_encoder(models, device)
     ref_encoder = ReferenceEncoder(encoder, config.reference, proposer=None,
@@ -537,8 +442,8 @@ def update_memory_bank_from_review(samples, *, bank_name: str = DEFAULT_BANK,
     if not tags:
         raise ValueError("give the tag of rejected and/or accepted predictions")
     bank, record = load_bank(dataset, bank_name)
-    models = ModelSettings.from_dict(record["models"])
-    config = models.pipeline_config()
+    models = RunSpec.from_dict(record["models"])
+    config = models.config()
     device = resolve_device(device, dataset)
     encoder = load_encoder(models, device)
     bank.check_encoder(encoder.settings())
@@ -666,18 +571,6 @@ def parse_devices(devices: str | Iterable[str] | None) -> list[str] | None:
     return [str(select_device(d)) for d in names]
 
 
-def segmenter_spec(dataset: fo.Dataset, bank_name: str, record: dict, models: ModelSettings,
-                   config: PipelineConfig):
-    """A :class:`refseg.runtime.device_pool.SegmenterSpec` that builds, in a worker process, the Segmenter of this run."""
-    from refseg.runtime.device_pool import SegmenterSpec
-
-    return SegmenterSpec(
-        proposer=models.proposer, encoder=models.encoder, bank_path=str(_bank_file(dataset, record, bank_name)),
-        config=config.to_dict(), proposer_checkpoint=models.proposer_checkpoint,
-        encoder_checkpoint=models.encoder_checkpoint, encoder_input_size=models.encoder_input_size,
-        random_init=models.random_init, seed=0 if models.random_init else None)  # seed 0: as in _seeded
-
-
 def prepare_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str = DEFAULT_OUTPUT_FIELD) -> dict:
     """What every shard job needs before several run at once: the bank exists, the output field is declared.
 
@@ -729,15 +622,12 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
         device, device_list = device_list[0], None
     dataset = _dataset_of(samples)
     bank, record = load_bank(dataset, bank_name)
-    models = ModelSettings.from_dict(record["models"])
+    models = RunSpec.from_dict(record["models"])
     extra_overrides = parse_overrides(overrides)
     if score_threshold is not None:
         extra_overrides += (("merge.score_threshold", float(score_threshold)),)
     if preset or extra_overrides:
-        merged = dict(models.overrides)
-        merged.update(dict(extra_overrides))
-        models = models.updated(preset=preset, overrides=merged)
-    config = models.pipeline_config()
+        models = models.with_changes(preset=preset, overrides=models.overrides + extra_overrides)
     _ensure_output_field(dataset, label_field)
     targets = _targets(samples, reference_tag)
 
@@ -747,13 +637,14 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
         from refseg.runtime.device_pool import DevicePool
 
         used_devices = device_list  # one worker process per device, each with its own proposer, encoder and bank
-        segmenter = DevicePool(segmenter_spec(dataset, bank_name, record, models, config), device_list,
+        segmenter = DevicePool(models, _bank_file(dataset, record, bank_name), device_list,
                                candidate_dir=_candidate_root(dataset) if cache_candidates else None)
         cache = segmenter.cache
     else:
         device = resolve_device(device, dataset)
         used_devices = [str(device)]
-        segmenter = Segmenter(load_proposer(models, device), load_encoder(models, device), bank, config)
+        segmenter = models.build_segmenter(bank, proposer=load_proposer(models, device),
+                                           encoder=load_encoder(models, device))
         if cache_candidates:
             cache = CandidateCache.for_segmenter(_candidate_root(dataset), segmenter)
     try:
@@ -885,7 +776,7 @@ def auto_label(samples, progress: Callable[[Progress], None] | None = None, **kw
     return exhaust(iter_auto_label(samples, **kwargs), progress)
 
 
-def iter_boxes_to_masks(samples, *, label_field: str, out_field: str | None = None, models: ModelSettings | None = None,
+def iter_boxes_to_masks(samples, *, label_field: str, out_field: str | None = None, models: RunSpec | None = None,
                         device: str | None = None, overwrite: bool = False) -> Generator[Progress, None, dict]:
     """Give box-only detections of ``label_field`` a mask from the proposer's box prompt.
 
@@ -898,8 +789,8 @@ def iter_boxes_to_masks(samples, *, label_field: str, out_field: str | None = No
     out_field = out_field or label_field
     if out_field != label_field:
         _ensure_output_field(dataset, out_field)
-    models = models or default_model_settings(dataset)
-    config = models.pipeline_config()
+    models = models or default_run_spec(dataset)
+    config = models.config()
     device = resolve_device(device, dataset)
     # a ReferenceEncoder without an encoder: only its box -> mask step is used
     prompter = ReferenceEncoder(None, config.reference, proposer=load_proposer(models, device),

@@ -7,11 +7,15 @@ import pytest
 
 from refseg import PAPER, Segmenter, load_image
 from refseg.runtime.candidate_cache import CandidateCache
-from refseg.runtime.device_pool import DevicePool, SegmenterSpec, WorkerError, local_devices
+from refseg.runtime.device_pool import DevicePool, WorkerError, local_devices
 from refseg.runtime.predict_job import run_prediction
+from refseg.runtime.run_spec import RunSpec
 from refseg.testing import ColorEncoder, ColorRegionProposer, make_synthetic_coco
 
-CFG = PAPER.with_overrides(**{"proposal.image_size": 512})
+SPEC = RunSpec(proposer="refseg.testing:ColorRegionProposer", encoder="refseg.testing:ColorEncoder", preset="paper",
+               overrides="proposal.image_size=512", encoder_input_size=224)
+CFG = SPEC.config()
+assert CFG == PAPER.with_overrides(**{"proposal.image_size": 512})
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +30,15 @@ def setup(tmp_path_factory):
                       mask=decode_rle(a["segmentation"])) for a in coco.loadAnns(coco.getAnnIds(imgIds=[1, 2]))]
     bank, _ = ReferenceEncoder(ColorEncoder(), CFG.reference, ColorRegionProposer(), 512).build_bank(refs)
     bank_path = bank.save(root / "bank.safetensors")
-    spec = SegmenterSpec(proposer="refseg.testing:ColorRegionProposer", encoder="refseg.testing:ColorEncoder",
-                         bank_path=str(bank_path), config=CFG.to_dict(), encoder_input_size=224)
     targets = [(i, image_dir / coco.imgs[i]["file_name"]) for i in range(3, 10)]
-    return spec, bank, targets
+    return bank_path, bank, targets
 
 
 def test_two_workers_match_one_process_in_order(setup, tmp_path):
-    spec, bank, targets = setup
+    bank_path, bank, targets = setup
     single = Segmenter(ColorRegionProposer(), ColorEncoder(), bank, CFG)
     expected = [single.predict(p) for _, p in targets]
-    with DevicePool(spec, ["cpu", "cpu"]) as pool:
+    with DevicePool(SPEC, bank_path, ["cpu", "cpu"]) as pool:
         got = pool.predict_batch([load_image(p) for _, p in targets])
         assert len(got) == len(expected)
         for a, b in zip(got, expected):
@@ -58,11 +60,10 @@ def test_two_workers_match_one_process_in_order(setup, tmp_path):
 
 
 def test_worker_start_failure_is_reported(setup):
-    spec, _, _ = setup
-    bad = SegmenterSpec(proposer="no_such_module:Thing", encoder=spec.encoder, bank_path=spec.bank_path,
-                        config=spec.config)
+    bank_path, _, _ = setup
+    bad = SPEC.with_changes(proposer="no_such_module:Thing")
     with pytest.raises(WorkerError, match=r"(?s)failed to start.*cannot import module .no_such_module."):
-        DevicePool(bad, ["cpu"])
+        DevicePool(bad, bank_path, ["cpu"])
 
 
 def test_local_devices_parsing():
@@ -75,12 +76,12 @@ def test_local_devices_parsing():
 def test_workers_share_a_candidate_cache(setup, tmp_path):
     """With candidate_dir the workers fill and read one cache: a rerun decodes no cached image and runs no
     network on it, an unreadable entry is recomputed by its worker, and the labels never change."""
-    spec, bank, targets = setup
+    bank_path, bank, targets = setup
     single = Segmenter(ColorRegionProposer(), ColorEncoder(), bank, CFG)
     # run_prediction writes COCO boxes by the config's rule (the paper preset's: one pixel short)
     expected = json.loads(json.dumps([single.predict(p).to_coco(i, paper_box=CFG.output.paper_box)
                                       for i, p in targets]))
-    with DevicePool(spec, ["cpu", "cpu"], candidate_dir=tmp_path / "candidates") as pool:
+    with DevicePool(SPEC, bank_path, ["cpu", "cpu"], candidate_dir=tmp_path / "candidates") as pool:
         cache = pool.cache
         assert cache is not None and cache.root.parent == tmp_path / "candidates"
         first = run_prediction(pool, targets, tmp_path / "first.json", batch_size=4, progress=False, cache=cache)
@@ -106,7 +107,7 @@ def test_workers_share_a_candidate_cache(setup, tmp_path):
 
         with pytest.raises(ValueError, match="its own"):
             pool.prepare(targets[0][1], CandidateCache(tmp_path / "elsewhere"))
-    with DevicePool(spec, ["cpu"]) as plain, pytest.raises(ValueError, match="its own"):
+    with DevicePool(SPEC, bank_path, ["cpu"]) as plain, pytest.raises(ValueError, match="its own"):
         plain.label_prepared([], cache)
 
 

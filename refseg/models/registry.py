@@ -20,6 +20,10 @@ from refseg.method.config import ProposalConfig
 from refseg.models.devices import select_device
 from refseg.method.interfaces import FeatureEncoder, ProposalGenerator
 
+# The paper's models, the defaults of the command line and the FiftyOne plugin
+DEFAULT_PROPOSER = "sam2_hiera_l"
+DEFAULT_ENCODER = "dinov2_vitl14"
+
 
 def load_component(spec: str, **kwargs: Any) -> Any:
     """Import ``"package.module:Name"`` and call it (a class or factory) with ``kwargs``.
@@ -110,13 +114,19 @@ def build_encoder(
     *,
     device: str | torch.device | None = None,
     checkpoint: str | os.PathLike | None = None,
-    input_size: int = 518,
+    input_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     offline: bool | None = None,
     random_init: bool = False,
 ) -> FeatureEncoder:
-    """A :class:`FeatureEncoder` from a DINOv2 registry name or an import path (see :func:`build_proposer`)."""
-    from refseg.models.dinov2_encoder import DINOV2_VARIANTS, DINOv2Encoder, dinov2_variant
+    """A :class:`FeatureEncoder` from a DINOv2 registry name or an import path (see :func:`build_proposer`).
+
+    ``input_size`` None is the model's own (518 for DINOv2).
+    """
+    from refseg.models.dinov2_encoder import DEFAULT_INPUT_SIZE, DINOV2_VARIANTS, DINOv2Encoder, dinov2_variant
+
+    if input_size is None:
+        input_size = DEFAULT_INPUT_SIZE
 
     if ":" in spec:
         obj = load_component(spec, device=select_device(device), checkpoint=checkpoint, input_size=input_size,

@@ -17,56 +17,17 @@ from __future__ import annotations
 import os
 import queue
 import traceback
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.multiprocessing as mp
 
 from refseg.runtime.candidate_cache import CandidateCache
-from refseg.method.config import PipelineConfig
 from refseg.method.identity import describe_difference
 from refseg.method.memory_bank import MemoryBank
 from refseg.method.pipeline import PreparedImage, cache_key
 from refseg.method.results import Detections, masks_to_boxes
-
-
-@dataclass(frozen=True)
-class SegmenterSpec:
-    """Everything a worker needs to build the same :class:`Segmenter` on its own device (picklable)."""
-
-    proposer: str
-    encoder: str
-    bank_path: str
-    config: dict = field(default_factory=lambda: PipelineConfig().to_dict())
-    proposer_checkpoint: str | None = None
-    encoder_checkpoint: str | None = None
-    encoder_input_size: int = 518
-    cache_dir: str | None = None
-    offline: bool | None = None
-    random_init: bool = False
-    seed: int | None = None  # with random_init: the same random networks in every worker
-
-    def build(self, device: str):
-        """The :class:`Segmenter` this spec describes, on ``device``."""
-        from refseg.method.pipeline import Segmenter
-        from refseg.models.registry import build_encoder, build_proposer
-
-        cfg = PipelineConfig.from_dict(self.config)
-        # the seed before each network, as the CLI and the FiftyOne plugin build them: with
-        # random_init a worker gets the very networks the bank was built with
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
-        proposer = build_proposer(self.proposer, device=device, checkpoint=self.proposer_checkpoint,
-                                  config=cfg.proposal, cache_dir=self.cache_dir, offline=self.offline,
-                                  random_init=self.random_init)
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
-        encoder = build_encoder(self.encoder, device=device, checkpoint=self.encoder_checkpoint,
-                                input_size=self.encoder_input_size, cache_dir=self.cache_dir, offline=self.offline,
-                                random_init=self.random_init)
-        bank = MemoryBank.load(self.bank_path, encoder.settings())
-        return Segmenter(proposer, encoder, bank, cfg)
+from refseg.runtime.run_spec import RunSpec
 
 
 def local_devices(spec: str) -> list[str]:
@@ -100,11 +61,12 @@ def _unpack(d: dict) -> Detections:
     return Detections(masks=masks, **d)
 
 
-def _worker(spec: SegmenterSpec, device: str, threads: int, candidate_dir: str | None, jobs, results) -> None:
+def _worker(spec: RunSpec, bank_path: str, device: str, threads: int, candidate_dir: str | None, jobs,
+            results) -> None:
     try:
         if threads:
             torch.set_num_threads(threads)
-        seg = spec.build(device)
+        seg = spec.build_segmenter(MemoryBank.load(bank_path), device)
         cache = CandidateCache.for_segmenter(candidate_dir, seg) if candidate_dir is not None else None
         results.put(("ready", device, {
             "identity": seg.identity(), "encoder": seg.encoder.settings(),
@@ -143,18 +105,22 @@ class WorkerError(RuntimeError):
 class DevicePool:
     """Label images on several devices in parallel, one worker process per device.
 
-    >>> with DevicePool(spec, ["cuda:0", "cuda:1"]) as pool:
+    ``spec`` (a :class:`~refseg.runtime.run_spec.RunSpec`) and the bank file at ``bank_path``
+    are what every worker builds its :class:`~refseg.Segmenter` from, on its own device.
+
+    >>> with DevicePool(RunSpec(), "bank.safetensors", ["cuda:0", "cuda:1"]) as pool:
     ...     run_prediction(pool, targets, "results.json")
     """
 
-    def __init__(self, spec: SegmenterSpec, devices: list[str], start_timeout: float = 600.0,
+    def __init__(self, spec: RunSpec, bank_path: str | os.PathLike, devices: list[str], start_timeout: float = 600.0,
                  candidate_dir: str | os.PathLike | None = None):
         if not devices:
             raise ValueError("DevicePool needs at least one device")
         self.spec = spec
         self.devices = list(devices)
-        self.config = PipelineConfig.from_dict(spec.config)
-        self.bank = MemoryBank.load(spec.bank_path)
+        self.config = spec.config()
+        self.bank_path = os.fspath(bank_path)
+        self.bank = MemoryBank.load(self.bank_path)
         self.class_names = list(self.bank.class_names)
         ctx = mp.get_context("spawn")  # CUDA cannot be used in forked children
         self._results = ctx.Queue()
@@ -164,7 +130,8 @@ class DevicePool:
         threads = max(1, (os.cpu_count() or 1) // cpu_workers) if cpu_workers else 0
         for device in self.devices:
             jobs = ctx.Queue()
-            proc = ctx.Process(target=_worker, args=(spec, device, threads if device.startswith("cpu") else 0,
+            worker_threads = threads if device.startswith("cpu") else 0
+            proc = ctx.Process(target=_worker, args=(spec, self.bank_path, device, worker_threads,
                                                      None if candidate_dir is None else str(candidate_dir),
                                                      jobs, self._results), daemon=True)
             proc.start()
