@@ -6,7 +6,7 @@ proposal is matched to the bank, merged, scored and returned as :class:`Detectio
 """
 
 from refseg.method.config import PAPER, PRESETS, MatchConfig, MergeConfig, OutputConfig, PipelineConfig, ProposalConfig, \
-    ReferenceConfig, get_preset
+    ReferenceConfig, RescoreConfig, get_preset
 from refseg.io.images import ImageLoadError, load_image
 from refseg.method.interfaces import FeatureEncoder, ProposalGenerator, Proposals
 from refseg.method.memory_bank import BankError, BankMismatchError, MemoryBank
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PAPER", "PRESETS", "MatchConfig", "MergeConfig", "OutputConfig", "PipelineConfig", "ProposalConfig",
-    "ReferenceConfig", "get_preset", "ImageLoadError", "load_image", "FeatureEncoder", "ProposalGenerator",
+    "ReferenceConfig", "RescoreConfig", "get_preset", "ImageLoadError", "load_image", "FeatureEncoder", "ProposalGenerator",
     "Proposals", "BankError", "BankMismatchError", "MemoryBank", "Candidates", "Segmenter", "BankReport",
     "Reference", "ReferenceEncoder", "UnusableReference", "Detections", "decode_rle", "encode_rle",
 ]

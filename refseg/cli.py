@@ -467,10 +467,11 @@ def _add_settings_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("settings")
     g.add_argument("--preset", default="default",
                    help="settings preset: default (the paper's method, exact boxes), paper (the published numbers, "
-                        "with the reference's one-pixel-short COCO result boxes) or fast (bf16, faster decoder)")
+                        "with the reference's one-pixel-short COCO result boxes), fast (bf16, faster decoder) or diffusion "
+                        "(graph-diffusion re-scoring instead of soft merging; beyond the paper)")
     g.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one setting, e.g. --set merge.top_k=50 --set proposal.points_per_side=16 "
-                        "(repeatable; sections: reference, proposal, match, merge, output, precision)")
+                        "(repeatable; sections: reference, proposal, match, merge, rescore, output, precision)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Literal
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+RANKINGS: tuple[str, ...] = ("pred_iou", "score", "area")  # what orders detections in graph-diffusion re-scoring
 
 
 # ---------------------------------------------------------------------------- validation
@@ -57,6 +58,14 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "merge.top_k": _positive_int,
     "merge.score_threshold": _finite,
     "merge.merge_resolution": (lambda v: v is None or (_is_int(v) and v >= 1), "null or a positive integer"),
+    "rescore.diffusion": _flag,
+    "rescore.alpha": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "rescore.exponent": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "rescore.steps": _positive_int,
+    "rescore.tolerance": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "rescore.row_normalise": _flag,
+    "rescore.semantic": _flag,
+    "rescore.ranking": (lambda v: v in RANKINGS, f"one of {', '.join(RANKINGS)}"),
     "output.paper_box": _flag,
     "precision": (lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "name": (lambda v: isinstance(v, str), "a string"),
@@ -131,6 +140,26 @@ class MergeConfig:
 
 
 @dataclass(frozen=True)
+class RescoreConfig:
+    """Graph-diffusion re-scoring (FSOD-VFM's rule, docs/method.md section 6), which generalises soft
+    merging. Off in the ``default``, ``paper`` and ``fast`` presets; the ``diffusion`` preset turns it on
+    with FSOD-VFM's settings. When on, it replaces ``merge.soft_merge`` (IoS counted as
+    ``merge.merge_resolution`` says); ``alpha = 0`` with ``semantic`` is soft merging itself."""
+
+    diffusion: bool = False
+    alpha: float = 0.3  # share of the penalty passed down the ranking each step
+    exponent: float = 0.5  # lambda: score *= max(0, 1 - penalty) ** exponent
+    steps: int = 30  # at most this many iterations...
+    tolerance: float = 1e-6  # ...stopping when the L2 change of the penalties is below this
+    row_normalise: bool = False  # P = A row-normalised (FSOD-VFM's paper) or A itself (its released code)
+    semantic: bool = False  # weigh each overlap by max(0, cosine of the two detections' features)
+    ranking: str = "pred_iou"  # node order: SAM's predicted IoU, the class score, or the mask area
+
+    def __post_init__(self) -> None:
+        _validate(self, "rescore")
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     """How results are expressed.
 
@@ -158,6 +187,7 @@ class PipelineConfig:
     proposal: ProposalConfig = field(default_factory=ProposalConfig)
     match: MatchConfig = field(default_factory=MatchConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    rescore: RescoreConfig = field(default_factory=RescoreConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     precision: Precision = "fp32"  # autocast dtype for the networks; paper mode is fp32
 
@@ -196,6 +226,7 @@ _SECTIONS: dict[str, type] = {
     "proposal": ProposalConfig,
     "match": MatchConfig,
     "merge": MergeConfig,
+    "rescore": RescoreConfig,
     "output": OutputConfig,
 }
 
@@ -264,7 +295,12 @@ FAST = PipelineConfig(
     merge=MergeConfig(merge_resolution=256),
 )
 
-PRESETS: dict[str, PipelineConfig] = {"default": DEFAULT, "paper": PAPER, "fast": FAST}
+# Beyond the paper: FSOD-VFM's graph-diffusion re-scoring instead of soft merging (alpha 0.3, lambda 0.5,
+# no semantic factor, nodes ranked by SAM's predicted IoU), on this method's proposals (NMS kept: SAM2's point
+# grid repeats objects far more than FSOD-VFM's box proposer).
+DIFFUSION = PipelineConfig(name="diffusion", rescore=RescoreConfig(diffusion=True))
+
+PRESETS: dict[str, PipelineConfig] = {"default": DEFAULT, "paper": PAPER, "fast": FAST, "diffusion": DIFFUSION}
 
 
 def get_preset(name: str) -> PipelineConfig:

@@ -139,20 +139,31 @@ def soft_merge_scores(inter: torch.Tensor, scores: torch.Tensor, labels: torch.T
     with ``IoS(i, j) = |M_i ∩ M_j| / |M_i|``, and ``score_i * sqrt(1 - d_i)``.
     Every decay uses the original scores (not sequential like Soft-NMS).
     """
-    n = scores.shape[0]
-    if n < 2:
+    if scores.shape[0] < 2:
         return scores.clone()
+    decay = overlap_edges(inter, labels, ranking, features).max(dim=1).values.clamp(0.0, 1.0)
+    return scores * torch.sqrt(1.0 - decay)
+
+
+def overlap_edges(inter: torch.Tensor, labels: torch.Tensor, ranking: torch.Tensor,
+                  features: torch.Tensor | None) -> torch.Tensor:
+    """[N, N] float32 ``IoS(i, j) * max(0, f_i . f_j)`` where j outranks i within i's class, else 0.
+
+    ``IoS(i, j) = |M_i ∩ M_j| / |M_i|`` from the same-class intersection counts ``inter``
+    (areas on the diagonal). j outranks i when its ``ranking`` is higher, ties broken by
+    position (a stable order). ``features`` None leaves out the semantic factor.
+    """
+    n = labels.shape[0]
     area = inter.diagonal().clamp(min=1)
-    ios = (inter / area.unsqueeze(1)).to(torch.float32)  # row i: fraction of M_i covered by M_j
-    semantic = (features @ features.T).clamp(min=0)
-    # j outranks i: higher ranking, ties broken by position (a stable order)
+    edges = (inter / area.unsqueeze(1)).to(torch.float32)  # row i: fraction of M_i covered by M_j
+    if features is not None:
+        edges = edges * (features @ features.T).clamp(min=0)
     order = torch.argsort(ranking, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(n, device=order.device)
     higher = rank.unsqueeze(0) < rank.unsqueeze(1)  # [i, j]: j ranked above i
     same = labels.unsqueeze(0) == labels.unsqueeze(1)
-    decay = (ios * semantic).masked_fill(~(higher & same), 0.0).max(dim=1).values.clamp(0.0, 1.0)
-    return scores * torch.sqrt(1.0 - decay)
+    return edges.masked_fill(~(higher & same), 0.0)
 
 
 def top_k(scores: torch.Tensor, k: int, min_score: float = 0.0) -> torch.Tensor:

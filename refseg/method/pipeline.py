@@ -24,6 +24,7 @@ from refseg.io.images import load_image
 from refseg.method.interfaces import FeatureEncoder, ProposalGenerator
 from refseg.method.matching import match_to_prototypes, pool_features
 from refseg.method.memory_bank import MemoryBank
+from refseg.method.rescoring import rescore_by_diffusion
 from refseg.method.merging import class_aware_nms, mask_boxes, soft_merge_scores, top_k, upsampled_intersections
 from refseg.method.precision import autocast
 from refseg.method.preprocess import resize_for_encoder, squash_to_square
@@ -154,11 +155,14 @@ class Segmenter:
             logits, scores, labels = cand.logits[keep], scores[keep], labels[keep]
             pred_iou, features = cand.pred_iou[keep], features[keep]
             threshold = cfg.match.mask_threshold
-            if cfg.merge.soft_merge:
+            if cfg.merge.soft_merge or cfg.rescore.diffusion:
                 # paper: overlaps at full image resolution; merge_resolution r: on an r x r grid
                 r = cfg.merge.merge_resolution
                 inter = upsampled_intersections(logits, labels, (r, r) if r else (h, w), threshold)
-                scores = soft_merge_scores(inter, scores, labels, pred_iou, features)
+                if cfg.rescore.diffusion:
+                    scores = rescore_by_diffusion(inter, scores, labels, pred_iou, features, cfg.rescore)
+                else:
+                    scores = soft_merge_scores(inter, scores, labels, pred_iou, features)
             best = top_k(scores, cfg.merge.top_k, cfg.merge.score_threshold)
             full = upsample_masks(logits[best], (h, w), threshold)  # only the kept masks at full resolution
             masks = full.cpu().numpy()
