@@ -2,9 +2,11 @@
 
 The operators in ``__init__.py`` only translate an execution context into calls
 of these functions. Everything model-related goes through refseg: images are
-read with :func:`refseg.load_image`, references are embedded with
-:class:`refseg.ReferenceEncoder`, targets are labelled with
-:class:`refseg.Segmenter`; this module moves labels between FiftyOne and refseg.
+read with :func:`refseg.load_image`, banks are built with
+:class:`refseg.method.references.BankBuilder` (the same code as ``refseg build-bank``),
+targets are labelled with :class:`refseg.Segmenter`; this module moves labels between
+FiftyOne and refseg. What it needs of FiftyOne beyond its public API is in
+:mod:`refseg_fiftyone.fiftyone_access`.
 
 Where things are kept:
 
