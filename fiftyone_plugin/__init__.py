@@ -20,14 +20,17 @@ import copy
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from refseg_fiftyone import core
+from refseg.method.config import PRESETS
+from refseg.models.dinov2_encoder import DINOV2_VARIANTS
+from refseg.models.sam2_proposer import SAM2_VARIANTS
+from refseg_fiftyone import core, fiftyone_access
 
 DELEGATE_ABOVE = 8  # runs over more samples than this are delegated unless the caller says otherwise
 
-PROPOSER_CHOICES = ("sam2_hiera_l", "sam2_hiera_b+", "sam2_hiera_s", "sam2_hiera_t", "sam2.1_hiera_l",
-                    "sam2.1_hiera_b+", "sam2.1_hiera_s", "sam2.1_hiera_t")
-ENCODER_CHOICES = ("dinov2_vitl14", "dinov2_vitb14", "dinov2_vits14", "dinov2_vitg14", "dinov2_vitl14_reg",
-                   "dinov2_vitb14_reg", "dinov2_vits14_reg", "dinov2_vitg14_reg")
+# the model registries' names (the default first); any import path package.module:Class works too
+PROPOSER_CHOICES = tuple(dict.fromkeys([core.DEFAULT_PROPOSER, *SAM2_VARIANTS]))
+ENCODER_CHOICES = tuple(dict.fromkeys([core.DEFAULT_ENCODER, *DINOV2_VARIANTS]))
+PRESET_CHOICES = tuple(PRESETS)
 
 
 # ---------------------------------------------------------------------------- shared form pieces
@@ -136,15 +139,16 @@ def _model_inputs(ctx, inputs) -> None:
 
 
 def _preset_input(inputs, default: str | None) -> None:
-    inputs.enum("preset", ["paper", "fast"], default=default, label="Settings preset",
-                description="paper: the published method; fast: leaner SAM2 decoder, bf16 and merging on a 256 grid",
+    inputs.enum("preset", list(PRESET_CHOICES), default=default or core.DEFAULT_PRESET, label="Settings preset",
+                description="paper: the published method; fast: leaner SAM2 decoder, bf16 and merging on a 256 grid"
+                            f" (presets: {', '.join(PRESET_CHOICES)})",
                 view=types.RadioGroup())
     inputs.str("overrides", default=None, label="Setting overrides",
                description="e.g. proposal.points_per_side=16, merge.top_k=50")
 
 
 def _device_input(ctx, inputs) -> None:
-    inputs.str("device", default=core.plugin_settings(ctx.dataset).get("device", "auto"), label="Device",
+    inputs.str("device", default=core.plugin_settings(ctx.dataset).get("device", core.DEFAULT_DEVICE), label="Device",
                description="auto, cpu, cuda, cuda:1, mps")
 
 
@@ -235,7 +239,7 @@ class BuildMemoryBank(_RefsegOperator):
     def __call__(self, sample_collection, label_field, bank_name=core.DEFAULT_BANK,
                  reference_tag=core.DEFAULT_REFERENCE_TAG, classes=None, proposer=None, encoder=None, device=None,
                  preset=None, overrides=None, encoder_input_size=None, proposer_checkpoint=None,
-                 encoder_checkpoint=None, random_init=None, batch_size=None, delegate=False):
+                 encoder_checkpoint=None, random_init=None, batch_size=core.DEFAULT_BANK_BATCH_SIZE, delegate=False):
         """Build memory bank ``bank_name`` from the instances in ``label_field`` of the samples tagged ``reference_tag``.
 
         Returns the report (references used per class, skipped ones with the reason),
@@ -266,7 +270,7 @@ class BuildMemoryBank(_RefsegOperator):
                                       "(or name their tag) first")
         field = _field_input(ctx, inputs, "label_field", "Reference labels",
                              "Detections with instance masks (boxes alone are turned into masks by the proposal "
-                             "model)", default="ground_truth")
+                             "model)", default=core.DEFAULT_LABEL_FIELD)
         if field and n_refs:
             present = [c for c in refs.distinct(f"{field}.detections.label") if c is not None]
             classes = types.AutocompleteView()
@@ -280,7 +284,7 @@ class BuildMemoryBank(_RefsegOperator):
                    description="An existing bank of this name is replaced")
         _model_inputs(ctx, inputs)
         _device_input(ctx, inputs)
-        inputs.int("batch_size", default=8, min=1, label="Batch size")
+        inputs.int("batch_size", default=core.DEFAULT_BANK_BATCH_SIZE, min=1, label="Batch size")
         _delegate_input(ctx, inputs, n_refs > DELEGATE_ABOVE)
         return types.Property(inputs, view=types.View(label="refseg: build memory bank"))
 
@@ -290,12 +294,12 @@ class BuildMemoryBank(_RefsegOperator):
         report = core.build_memory_bank(
             _scope_view(ctx), label_field=p.get("label_field"), bank_name=p.get("bank_name") or core.DEFAULT_BANK,
             reference_tag=p.get("reference_tag") or core.DEFAULT_REFERENCE_TAG, classes=p.get("classes") or None,
-            models=models, device=p.get("device"), batch_size=int(p.get("batch_size") or 8))
+            models=models, device=p.get("device"), batch_size=int(p.get("batch_size") or core.DEFAULT_BANK_BATCH_SIZE))
         lines = [f"Bank **{report['bank']}** saved to `{report['path']}`", ""]
         lines += [f"- {r['class']}: {r['used']} reference(s)" + (f", {r['skipped']} skipped ({'; '.join(r['reasons'])})"
                                                                  if r["skipped"] else "") for r in report["classes"]]
         if report["missing_classes"]:
-            lines.append(f"- no instance of: {', '.join(report['missing_classes'])}")
+            lines.append(f"- no annotation on the reference samples: {', '.join(report['missing_classes'])}")
         report["summary"] = "\n".join(lines)
         return report
 
@@ -313,8 +317,9 @@ class AutoLabel(_RefsegOperator):
         )
 
     def __call__(self, sample_collection, bank_name=core.DEFAULT_BANK, label_field=core.DEFAULT_OUTPUT_FIELD,
-                 reference_tag=None, existing="resume", score_threshold=None, preset=None, overrides=None,
-                 batch_size=None, device=None, cache_candidates=None, num_shards=None, shard_index=None,
+                 reference_tag=None, existing=core.DEFAULT_EXISTING, score_threshold=None, preset=None,
+                 overrides=None, batch_size=core.DEFAULT_LABEL_BATCH_SIZE, device=None, cache_candidates=None,
+                 num_shards=None, shard_index=None,
                  devices=None, delegate=False):
         """Label ``sample_collection`` (except the reference samples) into ``label_field`` with a bank.
 
@@ -381,11 +386,12 @@ class AutoLabel(_RefsegOperator):
                             description="Skip samples this very run (same bank and settings) already labelled")
         existing.add_choice("skip_labelled", label="Skip labelled", description="Skip every sample with the field")
         existing.add_choice("overwrite", label="Overwrite", description="Label every sample again")
-        inputs.enum("existing", existing.values(), default="resume", label="Existing labels", view=existing)
+        inputs.enum("existing", existing.values(), default=core.DEFAULT_EXISTING, label="Existing labels",
+                    view=existing)
         inputs.float("score_threshold", default=None, min=0.0, max=1.0, label="Score threshold",
                      description="Drop detections scoring below this (default: the preset's, 0)")
-        _preset_input(inputs, record.get("preset", "paper"))
-        inputs.int("batch_size", default=1, min=1, label="Batch size")
+        _preset_input(inputs, record.get("preset", core.DEFAULT_PRESET))
+        inputs.int("batch_size", default=core.DEFAULT_LABEL_BATCH_SIZE, min=1, label="Batch size")
         _device_input(ctx, inputs)
         inputs.str("devices", default=None, label="Several devices",
                    description="Every listed local device at once, one process each: all (every GPU), or "
@@ -420,9 +426,9 @@ class AutoLabel(_RefsegOperator):
         generator = core.iter_auto_label(
             _scope_view(ctx), bank_name=p.get("bank_name") or core.DEFAULT_BANK,
             label_field=p.get("label_field") or core.DEFAULT_OUTPUT_FIELD, reference_tag=self._reference_tag(ctx),
-            batch_size=int(p.get("batch_size") or 1), device=p.get("device"),
+            batch_size=int(p.get("batch_size") or core.DEFAULT_LABEL_BATCH_SIZE), device=p.get("device"),
             score_threshold=p.get("score_threshold"), preset=p.get("preset"), overrides=p.get("overrides"),
-            existing=p.get("existing") or "resume",
+            existing=p.get("existing") or core.DEFAULT_EXISTING,
             cache_candidates=bool(p.get("cache_candidates", _cache_default(ctx))),
             num_shards=self._num_shards(ctx), shard_index=p.get("shard_index"), devices=p.get("devices") or None)
         if ctx.delegated or not p.get("stream_progress", True):
@@ -433,24 +439,17 @@ class AutoLabel(_RefsegOperator):
 
     def _queue_shards(self, ctx) -> dict:
         """Queue one delegated auto_label job per shard, each with this run's context and its ``shard_index``."""
-        from fiftyone.operators.delegated import DelegatedOperationService
-        from fiftyone.operators.executor import ExecutionContext
-
         n = self._num_shards(ctx)
         label_field = ctx.params.get("label_field") or core.DEFAULT_OUTPUT_FIELD
         # checked and declared once here, not by n jobs at the same time
         core.prepare_auto_label(_scope_view(ctx), bank_name=ctx.params.get("bank_name") or core.DEFAULT_BANK,
                                 label_field=label_field)
-        service = DelegatedOperationService()
         base = {k: v for k, v in ctx.request_params.items() if k not in ("run_doc", "results", "target", "params")}
         jobs = []
         for index in range(n):
             params = {**copy.deepcopy(ctx.params), "num_shards": n, "shard_index": index, "delegate": True}
-            request = {**copy.deepcopy(base), "params": params, "delegated": True}
-            shard_ctx = ExecutionContext(request_params=request)
-            doc = service.queue_operation(operator=self.uri, context=shard_ctx, label=self.resolve_run_name(shard_ctx),
-                                          rerunnable=self.config.rerunnable)
-            jobs.append(str(doc.id))
+            jobs.append(fiftyone_access.queue_delegated(self, {**copy.deepcopy(base), "params": params,
+                                                               "delegated": True}))
         return {"jobs": jobs, "num_shards": n, "label_field": label_field,
                 "summary": f"Queued {n} delegated auto-label jobs into '{label_field}', one per shard: start "
                            "`fiftyone delegated launch` on each worker (GPU or machine)"}
@@ -540,8 +539,9 @@ class EvaluateAutoLabels(_RefsegOperator):
             allow_delegated_execution=True,
         )
 
-    def __call__(self, sample_collection, gt_field, pred_field=core.DEFAULT_OUTPUT_FIELD, eval_key="refseg_eval",
-                 reference_tag=core.DEFAULT_REFERENCE_TAG, iou=None, use_masks=True, only_labelled=True,
+    def __call__(self, sample_collection, gt_field, pred_field=core.DEFAULT_OUTPUT_FIELD,
+                 eval_key=core.DEFAULT_EVAL_KEY, reference_tag=core.DEFAULT_REFERENCE_TAG, iou=core.DEFAULT_IOU,
+                 use_masks=True, only_labelled=True,
                  delegate=False):
         """Evaluate ``pred_field`` against ``gt_field``; returns mAP and per-class AP."""
         return _call(self, sample_collection, dict(
@@ -553,12 +553,12 @@ class EvaluateAutoLabels(_RefsegOperator):
         _scope_input(ctx, inputs, "Samples to evaluate (reference samples are left out)")
         _field_input(ctx, inputs, "pred_field", "Predictions", "Auto-labels", default=core.DEFAULT_OUTPUT_FIELD,
                      required=False)
-        _field_input(ctx, inputs, "gt_field", "Ground truth", "Annotated instances", default="ground_truth")
-        inputs.str("eval_key", default="refseg_eval", label="Evaluation key",
+        _field_input(ctx, inputs, "gt_field", "Ground truth", "Annotated instances", default=core.DEFAULT_LABEL_FIELD)
+        inputs.str("eval_key", default=core.DEFAULT_EVAL_KEY, label="Evaluation key",
                    description="An earlier evaluation of this key is replaced")
         inputs.str("reference_tag", default=core.DEFAULT_REFERENCE_TAG, label="Reference tag",
                    description="Samples with this tag are left out (empty: keep them)")
-        inputs.float("iou", default=0.5, min=0.0, max=1.0, label="IoU threshold for matches")
+        inputs.float("iou", default=core.DEFAULT_IOU, min=0.0, max=1.0, label="IoU threshold for matches")
         inputs.bool("use_masks", default=True, label="Match masks (not boxes)")
         inputs.bool("only_labelled", default=True, label="Only samples with predictions")
         _delegate_input(ctx, inputs, False)
@@ -569,8 +569,8 @@ class EvaluateAutoLabels(_RefsegOperator):
         tag = p.get("reference_tag", core.DEFAULT_REFERENCE_TAG)
         report = core.evaluate_auto_labels(
             _scope_view(ctx), pred_field=p.get("pred_field") or core.DEFAULT_OUTPUT_FIELD,
-            gt_field=p.get("gt_field"), eval_key=p.get("eval_key") or "refseg_eval", reference_tag=tag or None,
-            iou=float(p.get("iou") or 0.5), use_masks=bool(p.get("use_masks", True)),
+            gt_field=p.get("gt_field"), eval_key=p.get("eval_key") or core.DEFAULT_EVAL_KEY, reference_tag=tag or None,
+            iou=float(p.get("iou") or core.DEFAULT_IOU), use_masks=bool(p.get("use_masks", True)),
             only_labelled=bool(p.get("only_labelled", True)))
         lines = [f"mAP **{report['mAP']:.3f}** on {report['num_samples']} sample(s) "
                  f"(TP {report['tp']}, FP {report['fp']}, FN {report['fn']}); eval key `{report['eval_key']}`", ""]
@@ -590,7 +590,8 @@ class ExportCoco(_RefsegOperator):
             allow_delegated_execution=True,
         )
 
-    def __call__(self, sample_collection, label_field, export_dir, mask_format="rle", export_media=False,
+    def __call__(self, sample_collection, label_field, export_dir, mask_format=core.DEFAULT_MASK_FORMAT,
+                 export_media=False,
                  classes=None, delegate=False):
         """Export ``label_field`` to ``<export_dir>/labels.json`` (images to ``<export_dir>/data/`` if asked)."""
         return _call(self, sample_collection, dict(
@@ -610,7 +611,8 @@ class ExportCoco(_RefsegOperator):
         formats.add_choice("rle", label="RLE", description="Lossless compressed RLE masks")
         formats.add_choice("polygons", label="Polygons",
                            description="FiftyOne's COCO exporter (2-pixel tolerance, holes lost)")
-        inputs.enum("mask_format", formats.values(), default="rle", label="Mask format", view=formats)
+        inputs.enum("mask_format", formats.values(), default=core.DEFAULT_MASK_FORMAT, label="Mask format",
+                    view=formats)
         inputs.bool("export_media", default=False, label="Copy the images",
                     description="Otherwise the JSON refers to the images by absolute path")
         inputs.list("classes", types.String(), default=None, label="Classes",
@@ -624,7 +626,7 @@ class ExportCoco(_RefsegOperator):
         if isinstance(export_dir, dict):  # a file explorer's value
             export_dir = export_dir.get("absolute_path")
         report = core.export_coco(_scope_view(ctx), label_field=p.get("label_field"), export_dir=export_dir,
-                                  mask_format=p.get("mask_format") or "rle",
+                                  mask_format=p.get("mask_format") or core.DEFAULT_MASK_FORMAT,
                                   export_media=bool(p.get("export_media", False)), classes=p.get("classes") or None)
         report["summary"] = (f"Wrote `{report['labels_path']}` ({report['mask_format']}, "
                              f"{report['num_images']} image(s))")
@@ -643,7 +645,8 @@ class UpdateMemoryBankFromReview(_RefsegOperator):
         )
 
     def __call__(self, sample_collection, bank_name=core.DEFAULT_BANK, pred_field=core.DEFAULT_OUTPUT_FIELD,
-                 rejected_tag="rejected", accepted_tag="accepted", device=None, delegate=False):
+                 rejected_tag=core.DEFAULT_REJECTED_TAG, accepted_tag=core.DEFAULT_ACCEPTED_TAG, device=None,
+                 delegate=False):
         """Add the tagged predictions of ``pred_field`` to bank ``bank_name``; returns what was added."""
         return _call(self, sample_collection, dict(
             bank_name=bank_name, pred_field=pred_field, rejected_tag=rejected_tag, accepted_tag=accepted_tag,
@@ -657,15 +660,16 @@ class UpdateMemoryBankFromReview(_RefsegOperator):
         _scope_input(ctx, inputs, "Samples whose reviewed predictions are used")
         field = _field_input(ctx, inputs, "pred_field", "Predictions", "Reviewed auto-labels",
                              default=core.DEFAULT_OUTPUT_FIELD, required=False)
-        inputs.str("rejected_tag", default="rejected", label="Rejected tag",
+        inputs.str("rejected_tag", default=core.DEFAULT_REJECTED_TAG, label="Rejected tag",
                    description="Predictions with this label tag become negative references")
-        inputs.str("accepted_tag", default="accepted", label="Accepted tag",
+        inputs.str("accepted_tag", default=core.DEFAULT_ACCEPTED_TAG, label="Accepted tag",
                    description="Predictions with this label tag become references")
         if field:
             counts = _scope_view(ctx).count_label_tags(label_fields=field)
             inputs.view("review_counts", types.Notice(label=", ".join(
                 f"{counts.get(ctx.params.get(k, d), 0)} {ctx.params.get(k, d)}"
-                for k, d in (("rejected_tag", "rejected"), ("accepted_tag", "accepted")))))
+                for k, d in (("rejected_tag", core.DEFAULT_REJECTED_TAG),
+                             ("accepted_tag", core.DEFAULT_ACCEPTED_TAG)))))
         _device_input(ctx, inputs)
         _delegate_input(ctx, inputs, False)
         return types.Property(inputs, view=types.View(label="refseg: update memory bank from review"))
@@ -674,8 +678,9 @@ class UpdateMemoryBankFromReview(_RefsegOperator):
         p = ctx.params
         report = core.update_memory_bank_from_review(
             _scope_view(ctx), bank_name=p.get("bank_name") or core.DEFAULT_BANK,
-            pred_field=p.get("pred_field") or core.DEFAULT_OUTPUT_FIELD, rejected_tag=p.get("rejected_tag", "rejected"),
-            accepted_tag=p.get("accepted_tag", "accepted"), device=p.get("device"))
+            pred_field=p.get("pred_field") or core.DEFAULT_OUTPUT_FIELD,
+            rejected_tag=p.get("rejected_tag", core.DEFAULT_REJECTED_TAG),
+            accepted_tag=p.get("accepted_tag", core.DEFAULT_ACCEPTED_TAG), device=p.get("device"))
         neg = ", ".join(f"{r['class']}: {r['count']}" for r in report["negatives_added"]) or "none"
         pos = ", ".join(f"{r['class']}: {r['count']}" for r in report["references_added"]) or "none"
         report["summary"] = (f"Bank **{report['bank']}**: negatives added ({neg}); references added ({pos}); "

@@ -22,8 +22,6 @@ from . import __version__
 
 from refseg.models.registry import DEFAULT_ENCODER, DEFAULT_PROPOSER
 
-REFERENCE_CHUNK = 64  # references decoded and encoded at a time by build-bank (bounds memory)
-
 
 # Exit statuses (documented in README.md, "Exit status").
 EXIT_OK = 0            # finished, everything done
@@ -97,9 +95,9 @@ def _build(kind: str, spec, args):
 
 
 def _write_json(path: Path, data) -> None:
-    from refseg.runtime.predict_job import write_atomic
+    from refseg.io.files import write_json_atomic
 
-    write_atomic(path, json.dumps(data, indent=1))
+    write_json_atomic(path, data, indent=1)
 
 
 # ---------------------------------------------------------------------------- sample
@@ -130,7 +128,7 @@ def cmd_sample(args) -> int:
 def cmd_build_bank(args) -> int:
     from refseg.io.coco import box_prompts, category_names, iter_references, read_coco, resolve_classes
     from refseg.method.memory_bank import BankError, MemoryBank
-    from refseg.method.references import BankReport, ReferenceEncoder
+    from refseg.method.references import NO_ANNOTATION, BankBuilder, ReferenceEncoder
 
     refs_path = _need_file(args.references, "reference file")
     image_dir = _need_dir(args.images, "image folder")
@@ -144,7 +142,9 @@ def cmd_build_bank(args) -> int:
     if not annotations:
         raise UsageError(f"{refs_path} holds no annotation" + (" of the selected classes" if wanted else ""))
     names = category_names(data)
-    box_only = len(box_prompts(data, wanted))  # box-only annotations whose box can prompt a mask
+    # every selected category (all of the file's by default), annotated or not, then any id only annotations use
+    category_ids = list(dict.fromkeys([*(wanted if wanted is not None else names),
+                                       *(int(a["category_id"]) for a in annotations)]))
 
     if args.random_weights:
         _random_weights_banner()
@@ -154,45 +154,39 @@ def cmd_build_bank(args) -> int:
         _say(f"adding to {args.add_to}: {bank}")
     else:
         bank = MemoryBank(encoder.settings())
-    proposer = None
-    if box_only:
-        _say(f"{box_only} box-only reference(s): loading {args.proposer} to turn boxes into masks")
-        proposer = _build("proposer", spec, args)
-    ref_encoder = ReferenceEncoder(encoder, cfg.reference, proposer, cfg.proposal.image_size, cfg.precision)
 
-    report = BankReport()
-    skipped: list[tuple[dict, str, str]] = []
-    chunk = []
+    def load_proposer():
+        """Built on the first box-only reference whose box can prompt a mask (none: never loaded)."""
+        _say(f"{len(box_prompts(data, wanted))} box-only reference(s): loading {args.proposer} to turn boxes into "
+             "masks")
+        return _build("proposer", spec, args)
+
+    ref_encoder = ReferenceEncoder(encoder, cfg.reference, None, cfg.proposal.image_size, cfg.precision,
+                                   proposer_factory=load_proposer)
+    builder = BankBuilder(ref_encoder, bank, classes=[names.get(c, str(c)) for c in category_ids],
+                          batch_size=args.batch_size)  # REFERENCE_CHUNK references decoded at a time
     t0 = time.perf_counter()
-
-    def flush() -> None:
-        nonlocal bank
-        if not chunk:
-            return
-        bank, part = ref_encoder.build_bank(chunk, bank, negative=args.negative, batch_size=args.batch_size)
-        for c, n in part.used.items():
-            report.used[c] = report.used.get(c, 0) + n
-        report.skipped.extend(part.skipped)
-        chunk.clear()
-
-    for ref in iter_references(data, image_dir, skipped, categories=wanted):
-        chunk.append(ref)
-        if len(chunk) >= REFERENCE_CHUNK:
-            flush()
-    flush()
-    report.skipped = skipped + report.skipped
+    builder.add_all(iter_references(data, image_dir, builder.report.skipped, categories=wanted),
+                    negative=args.negative)
+    bank, report = builder.finish()
 
     kind = "negative" if args.negative else "positive"
-    classes = [names.get(int(cid), str(cid)) for cid in dict.fromkeys(int(a["category_id"]) for a in annotations)]
     _say(f"{kind} references per class ({time.perf_counter() - t0:.1f}s):")
-    for c in classes:
-        n_skip = sum(1 for _, sc, _ in report.skipped if sc == c)
-        _say(f"  {c}: {report.used.get(c, 0)} used" + (f", {n_skip} skipped" if n_skip else ""))
+    for row in report.rows():
+        if not (row["used"] or row["negatives"] or row["skipped"]):
+            _say(f"  {row['class']}: 0 used ({NO_ANNOTATION})")
+            continue
+        _say(f"  {row['class']}: {report.added(row['class'])} used"
+             + (f", {row['skipped']} skipped" if row["skipped"] else ""))
     for source, c, reason in report.skipped:
         _say(f"  skipped {c} (image {source.get('image')!r}, annotation {source.get('annotation_id')}): {reason}")
-    unusable = [c for c in classes if not report.used.get(c)]
-    if not report.used:
+    unusable = [c for c in report.all_classes() if not report.added(c)]
+    if not any(map(report.added, report.all_classes())):
         raise BankError("no usable reference: nothing was added to the bank (see the reasons above)")
+    unannotated = report.unannotated()
+    if unannotated:
+        _warn(f"{len(unannotated)} selected class(es) have no annotation in {refs_path}: {', '.join(unannotated)}; "
+              "annotate some, or leave them out with --classes")
     if unusable:
         _warn(f"no usable reference for {len(unusable)} class(es): {', '.join(unusable)}; "
               f"{'they are not in the bank' if not args.add_to else 'they got nothing new'}")

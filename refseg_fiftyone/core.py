@@ -2,9 +2,11 @@
 
 The operators in ``__init__.py`` only translate an execution context into calls
 of these functions. Everything model-related goes through refseg: images are
-read with :func:`refseg.load_image`, references are embedded with
-:class:`refseg.ReferenceEncoder`, targets are labelled with
-:class:`refseg.Segmenter`; this module moves labels between FiftyOne and refseg.
+read with :func:`refseg.load_image`, banks are built with
+:class:`refseg.method.references.BankBuilder` (the same code as ``refseg build-bank``),
+targets are labelled with :class:`refseg.Segmenter`; this module moves labels between
+FiftyOne and refseg. What it needs of FiftyOne beyond its public API is in
+:mod:`refseg_fiftyone.fiftyone_access`.
 
 Where things are kept:
 
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -35,15 +36,18 @@ import fiftyone.core.utils as fou
 from fiftyone import ViewField as F
 
 import refseg
-from refseg import ImageLoadError, MemoryBank, Reference, ReferenceEncoder, UnusableReference
+from refseg import ImageLoadError, MemoryBank, Reference, ReferenceEncoder
+from refseg.io.files import sha256_file, write_json_atomic
 from refseg.runtime.candidate_cache import CandidateCache
 from refseg.models.devices import select_device
 from refseg.method.identity import identity_key
-from refseg.models.checkpoints import sha256_file
 from refseg.io.images import image_size
+from refseg.models.registry import DEFAULT_ENCODER, DEFAULT_PROPOSER  # noqa: F401 (the operators use them)
 from refseg.runtime.run_spec import RunSpec, format_overrides, parse_overrides  # noqa: F401 (plugin API)
+from refseg.method.references import BankBuilder, BankReport, box_problem, masks_from_boxes
 from refseg.runtime.prefetch import read_ahead
 
+from . import fiftyone_access
 from .convert import (box_to_pixels, detection_box_pixels, detection_mask, mask_to_crop, pixel_xywh,
                       to_fiftyone_detections)
 
@@ -55,12 +59,25 @@ BANK_ATTR = "refseg_bank"  # on a labelled sample's Detections: the bank name
 BANK_DIR_ENV = "REFSEG_BANK_DIR"
 CANDIDATE_DIR_ENV = "REFSEG_CANDIDATE_DIR"
 
-# The FiftyOne labels of the presets "default" and "paper" are the same (paper mode differs only in COCO
-# results files' boxes); banks are recorded with "paper", as they always were.
+# Defaults of the operators' parameters, written once: the operators' forms, their Python
+# __call__ signatures and the functions of this module all use these. The models default to the paper's
+# (refseg.models.registry). The FiftyOne labels of the presets "default" and "paper" are the same (paper mode
+# differs only in COCO results files' boxes); banks are recorded with "paper", as they always were.
 DEFAULT_PRESET = "paper"
+DEFAULT_DEVICE = "auto"
 DEFAULT_BANK = "default"
 DEFAULT_REFERENCE_TAG = "reference"
+DEFAULT_LABEL_FIELD = "ground_truth"  # the annotated field offered first in the forms
 DEFAULT_OUTPUT_FIELD = "refseg"
+DEFAULT_BANK_BATCH_SIZE = 8  # references embedded at a time
+DEFAULT_LABEL_BATCH_SIZE = 1  # target images labelled at a time (per device)
+DEFAULT_EXISTING = "resume"
+DEFAULT_REJECTED_TAG = "rejected"
+DEFAULT_ACCEPTED_TAG = "accepted"
+DEFAULT_EVAL_KEY = "refseg_eval"
+DEFAULT_IOU = 0.5
+DEFAULT_MASK_FORMAT = "rle"
+MASK_FORMATS = ("rle", "polygons")
 MAX_REPORTED = 200  # skipped/failed entries listed in a report (counts stay exact)
 
 EXISTING_MODES = ("resume", "skip_labelled", "overwrite")
@@ -170,8 +187,7 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _dataset_of(samples) -> fo.Dataset:
-    return samples._root_dataset if hasattr(samples, "_root_dataset") else samples
+_dataset_of = fiftyone_access.root_dataset
 
 
 def check_detections_field(samples, field_name: str, purpose: str = "labels") -> None:
@@ -286,8 +302,9 @@ def _capped(entries: list) -> list:
 # ---------------------------------------------------------------------------- references
 
 
-def _references_of(sample, image, label_field: str, classes: set | None, skipped: list) -> list[Reference]:
-    """The sample's instances in ``label_field`` as refseg references (mask, else box)."""
+def _references_of(sample, image, label_field: str, classes: set | None, builder: BankBuilder) -> list[Reference]:
+    """The sample's instances in ``label_field`` as refseg references (mask, else box); the unusable ones go to
+    ``builder``'s report with the reason."""
     h, w = image.shape[:2]
     labels = sample[label_field]
     refs = []
@@ -296,67 +313,51 @@ def _references_of(sample, image, label_field: str, classes: set | None, skipped
             continue
         source = {"sample_id": sample.id, "label_id": det.id, "field": label_field}
         if det.label is None:
-            skipped.append({**source, "class": None, "reason": "detection has no label"})
+            builder.skip(source, None, "detection has no label")
             continue
         if det.bounding_box is None or len(det.bounding_box) != 4:
-            skipped.append({**source, "class": det.label, "reason": "detection has no bounding box"})
+            builder.skip(source, det.label, "detection has no bounding box")
             continue
         try:
             mask = detection_mask(det, h, w)
         except Exception as exc:  # unreadable mask_path, odd arrays
-            skipped.append({**source, "class": det.label, "reason": f"cannot read mask: {exc}"})
+            builder.skip(source, det.label, f"cannot read mask: {exc}")
             continue
         box = detection_box_pixels(det, h, w)
         if mask is None and (box[2] - box[0] < 1 or box[3] - box[1] < 1):
-            skipped.append({**source, "class": det.label, "reason": "box narrower than a pixel and no mask"})
+            builder.skip(source, det.label, "box narrower than a pixel and no mask")
             continue
         refs.append(Reference(image=image, class_name=det.label, mask=mask, box=box, source=source))
     return refs
 
 
-def _embed_into(bank: MemoryBank, ref_encoder: ReferenceEncoder, refs: list[Reference], negative: bool,
-                batch_size: int, used: dict, skipped: list) -> None:
-    """Embed ``refs`` and add the usable ones to ``bank`` (in place); count and explain the rest."""
-    if not refs:
-        return
-    for ref, result in zip(refs, ref_encoder.embed(refs, batch_size)):
-        if isinstance(result, UnusableReference):
-            skipped.append({**ref.source, "class": ref.class_name, "reason": str(result)})
-            continue
-        bank.add(ref.class_name, result, negative=negative, source=ref.source)
-        used[ref.class_name] = used.get(ref.class_name, 0) + 1
+def _bank_builder(models: RunSpec, device, encoder, bank: MemoryBank, classes: Iterable[str] = (),
+                  batch_size: int = DEFAULT_BANK_BATCH_SIZE) -> BankBuilder:
+    """refseg's bank builder with the models' settings; the proposer is loaded only for a usable box-only reference."""
+    config = models.config()
+    ref_encoder = ReferenceEncoder(encoder, config.reference, proposal_image_size=config.proposal.image_size,
+                                   precision=config.precision, proposer_factory=lambda: load_proposer(models, device))
+    return BankBuilder(ref_encoder, bank, classes=classes, batch_size=batch_size)
 
 
-class _LazyProposer:
-    """Gives a ReferenceEncoder its proposer only when a box-only reference needs one."""
-
-    def __init__(self, ref_encoder: ReferenceEncoder, settings: RunSpec, device):
-        self.ref_encoder, self.settings, self.device = ref_encoder, settings, device
-
-    def ensure_for(self, refs: list[Reference]) -> None:
-        if self.ref_encoder.proposer is None and any(r.mask is None for r in refs):
-            self.ref_encoder.proposer = load_proposer(self.settings, self.device)
-
-
-def _class_report(classes: Iterable[str], used: dict, skipped: list) -> list[dict]:
-    rows = []
-    for c in classes:
-        reasons = sorted({s["reason"] for s in skipped if s.get("class") == c})
-        rows.append({"class": c, "used": used.get(c, 0),
-                     "skipped": sum(1 for s in skipped if s.get("class") == c), "reasons": reasons})
-    return rows
+def _skipped_records(report: BankReport) -> list[dict]:
+    """The report's skipped references as dicts: the FiftyOne source (sample, label, field), class and reason."""
+    return [{**source, "class": c, "reason": reason} for source, c, reason in report.skipped]
 
 
 def build_memory_bank(samples, *, label_field: str, bank_name: str = DEFAULT_BANK,
                       reference_tag: str = DEFAULT_REFERENCE_TAG, classes: Iterable[str] | None = None,
                       models: RunSpec | None = None, device: str | None = None,
-                      batch_size: int = 8) -> dict:
+                      batch_size: int = DEFAULT_BANK_BATCH_SIZE) -> dict:
     """Build (or rebuild) a memory bank from the samples tagged ``reference_tag``.
 
     Each instance of ``label_field`` (``Detections`` with masks, or boxes only:
     those get a mask from the proposer's box prompt) of a selected class becomes
     a reference. Saves the bank file and its record in ``dataset.info``; returns
     a report: references used per class, and each skipped one with the reason.
+    Without ``classes``, the classes declared for the field (``dataset.classes``,
+    ``default_classes``: e.g. every category of an imported COCO file) that no
+    reference sample annotates are listed in ``missing_classes`` too.
     """
     dataset = _dataset_of(samples)
     if not bank_name:
@@ -371,22 +372,19 @@ def build_memory_bank(samples, *, label_field: str, bank_name: str = DEFAULT_BAN
     if not present:
         raise ValueError(f"the {n_samples} sample(s) tagged {reference_tag!r} have no instance in {label_field!r}: "
                          "annotate them first")
-    wanted = list(dict.fromkeys(classes)) if classes else present
-    missing = [c for c in wanted if c not in present]
+    wanted = list(dict.fromkeys(classes)) if classes else list(present)
     if not set(wanted) & set(present):
         raise ValueError(f"none of the classes {wanted} has an instance in {label_field!r} on the reference samples "
                          f"(present: {', '.join(present)})")
 
+    if not classes:  # declared classes (e.g. every category of an imported COCO file), annotated or not
+        wanted += [c for c in (samples.get_classes(label_field) or []) if c not in wanted]
+
     models = models or default_run_spec(dataset)
-    config = models.config()
     device = resolve_device(device, dataset)
     encoder = load_encoder(models, device)
-    ref_encoder = ReferenceEncoder(encoder, config.reference, proposer=None,
-                                   proposal_image_size=config.proposal.image_size, precision=config.precision)
-    lazy = _LazyProposer(ref_encoder, models, device)
-    bank = MemoryBank(encoder.settings(), class_names=wanted)  # classes in a stable order
-    used: dict[str, int] = {}
-    skipped: list[dict] = []
+    builder = _bank_builder(models, device, encoder, MemoryBank(encoder.settings(), class_names=wanted),  # stable
+                            classes=wanted, batch_size=batch_size)  # order of the classes
     wanted_set = set(wanted)
     for sample in refs_view.select_fields(label_field).iter_samples():
         try:
@@ -395,19 +393,18 @@ def build_memory_bank(samples, *, label_field: str, bank_name: str = DEFAULT_BAN
             labels = sample[label_field]
             for det in (labels.detections if labels is not None else []):
                 if det.label in wanted_set:
-                    skipped.append({"sample_id": sample.id, "label_id": det.id, "field": label_field,
-                                    "class": det.label, "reason": str(exc)})
+                    builder.skip({"sample_id": sample.id, "label_id": det.id, "field": label_field}, det.label,
+                                 str(exc))
             continue
-        refs = _references_of(sample, image, label_field, wanted_set, skipped)
-        lazy.ensure_for(refs)
-        _embed_into(bank, ref_encoder, refs, False, batch_size, used, skipped)
+        builder.add_all(_references_of(sample, image, label_field, wanted_set, builder))
+    bank, report = builder.finish()
 
-    class_rows = _class_report(wanted, used, skipped)
+    class_rows = report.rows()
     for c, n in bank.counts().items():
         if n == 0:
             bank.remove_class(c)  # no usable reference: the class is reported, not kept
     if not len(bank):
-        detail = "; ".join(f"{r['class']}: {', '.join(r['reasons']) or 'no usable instance'}" for r in class_rows)
+        detail = "; ".join(f"{r['class']}: {', '.join(r['reasons'])}" for r in class_rows)
         raise ValueError(f"no usable reference: nothing was saved ({detail})")
     record = _save_bank(dataset, bank_name, bank, models, extra={
         "label_field": label_field, "reference_tag": reference_tag})
@@ -415,18 +412,18 @@ def build_memory_bank(samples, *, label_field: str, bank_name: str = DEFAULT_BAN
         "bank": bank_name,
         "path": record["path"],
         "classes": class_rows,
-        "unusable_classes": [r["class"] for r in class_rows if r["used"] == 0],
-        "missing_classes": missing,
+        "unusable_classes": report.unusable(),  # annotated, but no reference usable
+        "missing_classes": report.unannotated(),  # no annotation on the reference samples at all
         "num_references": len(bank),
-        "num_skipped": len(skipped),
-        "skipped": _capped(skipped),
+        "num_skipped": len(report.skipped),
+        "skipped": _capped(_skipped_records(report)),
     }
 
 
 def update_memory_bank_from_review(samples, *, bank_name: str = DEFAULT_BANK,
-                                   pred_field: str = DEFAULT_OUTPUT_FIELD, rejected_tag: str = "rejected",
-                                   accepted_tag: str = "accepted", device: str | None = None,
-                                   batch_size: int = 8) -> dict:
+                                   pred_field: str = DEFAULT_OUTPUT_FIELD, rejected_tag: str = DEFAULT_REJECTED_TAG,
+                                   accepted_tag: str = DEFAULT_ACCEPTED_TAG, device: str | None = None,
+                                   batch_size: int = DEFAULT_BANK_BATCH_SIZE) -> dict:
     """Fold reviewed predictions back into a bank.
 
     Predictions in ``pred_field`` whose label tags include ``rejected_tag`` become
@@ -443,40 +440,32 @@ def update_memory_bank_from_review(samples, *, bank_name: str = DEFAULT_BANK,
         raise ValueError("give the tag of rejected and/or accepted predictions")
     bank, record = load_bank(dataset, bank_name)
     models = RunSpec.from_dict(record["models"])
-    config = models.config()
     device = resolve_device(device, dataset)
     encoder = load_encoder(models, device)
     bank.check_encoder(encoder.settings())
-    ref_encoder = ReferenceEncoder(encoder, config.reference, proposer=None,
-                                   proposal_image_size=config.proposal.image_size, precision=config.precision)
-    lazy = _LazyProposer(ref_encoder, models, device)
+    builder = _bank_builder(models, device, encoder, bank, batch_size=batch_size)
     reviewed = samples.select_labels(tags=tags, fields=pred_field)
-    counts = {"negative": {}, "positive": {}}
-    skipped: list[dict] = []
     already = 0
     for sample in reviewed.select_fields(pred_field).iter_samples():
         try:
             image = refseg.load_image(sample.filepath)
         except ImageLoadError as exc:
-            skipped.append({"sample_id": sample.id, "class": None, "reason": str(exc)})
+            builder.skip({"sample_id": sample.id}, None, str(exc))
             continue
-        refs = {True: [], False: []}  # negative? -> references
         tags_by_id = {d.id: d.tags for d in sample[pred_field].detections}
-        for ref in _references_of(sample, image, pred_field, None, skipped):
+        for ref in _references_of(sample, image, pred_field, None, builder):
             tags_of = tags_by_id[ref.source["label_id"]]
             is_rejected, is_accepted = rejected_tag in tags_of, accepted_tag in tags_of
             if is_rejected and is_accepted:
-                skipped.append({**ref.source, "class": ref.class_name, "reason": "tagged both rejected and accepted"})
+                builder.skip(ref.source, ref.class_name, "tagged both rejected and accepted")
                 continue
             if bank.find(label_id=ref.source["label_id"]):
                 already += 1
                 continue
             ref.source["review"] = rejected_tag if is_rejected else accepted_tag
-            refs[is_rejected].append(ref)
-        for negative, group in refs.items():
-            lazy.ensure_for(group)
-            _embed_into(bank, ref_encoder, group, negative, batch_size,
-                        counts["negative" if negative else "positive"], skipped)
+            builder.add(ref, negative=is_rejected)
+    bank, report = builder.finish()
+    counts = {"negative": report.negatives, "positive": report.used}
     added = sum(sum(c.values()) for c in counts.values())
     if added:
         extra = {k: record[k] for k in ("label_field", "reference_tag") if k in record}
@@ -488,8 +477,8 @@ def update_memory_bank_from_review(samples, *, bank_name: str = DEFAULT_BANK,
         "references_added": [{"class": c, "count": n} for c, n in counts["positive"].items()],
         "num_added": added,
         "already_in_bank": already,
-        "num_skipped": len(skipped),
-        "skipped": _capped(skipped),
+        "num_skipped": len(report.skipped),
+        "skipped": _capped(_skipped_records(report)),
         "counts": record["counts"],
     }
 
@@ -743,15 +732,9 @@ def _record_run(dataset: fo.Dataset, label_field: str, report: dict) -> None:
     same time on other workers cannot undo each other's (or anyone's) other changes to ``info``.
     """
     summary = {k: v for k, v in report.items() if k != "failed"}
-    dataset.reload()
-    if isinstance(dataset.info, dict) and isinstance(dataset.info.get(RUNS_KEY, {}), dict) \
-            and not any(c in label_field for c in ".$"):
-        from fiftyone.core.odm import get_db_conn
-
-        get_db_conn().datasets.update_one({"_id": dataset._doc.id},
-                                          {"$set": {f"info.{RUNS_KEY}.{label_field}": summary}})
-        dataset.reload()
+    if fiftyone_access.set_info_entry(dataset, (RUNS_KEY, label_field), summary):
         return
+    dataset.reload()
     info = dict(dataset.info or {})
     runs = dict(info.get(RUNS_KEY, {}) or {})
     runs[label_field] = summary
@@ -792,9 +775,7 @@ def iter_boxes_to_masks(samples, *, label_field: str, out_field: str | None = No
     models = models or default_run_spec(dataset)
     config = models.config()
     device = resolve_device(device, dataset)
-    # a ReferenceEncoder without an encoder: only its box -> mask step is used
-    prompter = ReferenceEncoder(None, config.reference, proposer=load_proposer(models, device),
-                                proposal_image_size=config.proposal.image_size, precision=config.precision)
+    proposer = load_proposer(models, device)
     if overwrite or out_field != label_field:
         view = samples.exists(label_field)
     else:
@@ -812,16 +793,21 @@ def iter_boxes_to_masks(samples, *, label_field: str, out_field: str | None = No
             continue
         h, w = image.shape[:2]
         labels = sample[label_field].copy() if out_field != label_field else sample[label_field]
+        prompted = []
         for det in labels.detections:
             if det.has_mask and not overwrite:
                 continue
             if det.bounding_box is None:
                 continue
             x1, y1, x2, y2 = box_to_pixels(det.bounding_box, h, w)
-            if x2 <= x1 or y2 <= y1:
+            if x2 <= x1 or y2 <= y1 or box_problem(detection_box_pixels(det, h, w), h, w) is not None:
                 empty += 1
                 continue
-            full = prompter.mask_from_box(image, detection_box_pixels(det, h, w))
+            prompted.append(det)
+        # one proposer call per image for all its boxes
+        masks = masks_from_boxes(proposer, image, [detection_box_pixels(d, h, w) for d in prompted],
+                                 config.proposal.image_size, config.precision)
+        for det, full in zip(prompted, masks):
             crop = mask_to_crop(full, det.bounding_box)
             if not crop.any():
                 empty += 1
@@ -843,8 +829,8 @@ def boxes_to_masks(samples, progress: Callable[[Progress], None] | None = None, 
 
 
 def evaluate_auto_labels(samples, *, pred_field: str = DEFAULT_OUTPUT_FIELD, gt_field: str,
-                         eval_key: str = "refseg_eval", reference_tag: str | None = DEFAULT_REFERENCE_TAG,
-                         iou: float = 0.5, use_masks: bool = True, only_labelled: bool = True) -> dict:
+                         eval_key: str = DEFAULT_EVAL_KEY, reference_tag: str | None = DEFAULT_REFERENCE_TAG,
+                         iou: float = DEFAULT_IOU, use_masks: bool = True, only_labelled: bool = True) -> dict:
     """FiftyOne's COCO-style ``evaluate_detections`` of ``pred_field`` against ``gt_field``.
 
     Reference samples are left out (their labels made the bank); with
@@ -877,7 +863,8 @@ def evaluate_auto_labels(samples, *, pred_field: str = DEFAULT_OUTPUT_FIELD, gt_
     }
 
 
-def export_coco(samples, *, label_field: str, export_dir: str, mask_format: str = "rle", export_media: bool = False,
+def export_coco(samples, *, label_field: str, export_dir: str, mask_format: str = DEFAULT_MASK_FORMAT,
+                export_media: bool = False,
                 classes: list[str] | None = None) -> dict:
     """Write a COCO instances file of ``label_field`` (and copy the images if asked).
 
@@ -887,8 +874,8 @@ def export_coco(samples, *, label_field: str, export_dir: str, mask_format: str 
     with a 2-pixel tolerance; holes are lost). Both load back with
     ``fo.Dataset.from_dir(dataset_type=fo.types.COCODetectionDataset, ...)``.
     """
-    if mask_format not in ("rle", "polygons"):
-        raise ValueError(f"mask_format must be 'rle' or 'polygons', not {mask_format!r}")
+    if mask_format not in MASK_FORMATS:
+        raise ValueError(f"mask_format must be one of {', '.join(MASK_FORMATS)}, not {mask_format!r}")
     check_detections_field(samples, label_field, "export")
     export_dir = Path(export_dir).expanduser()
     export_dir.mkdir(parents=True, exist_ok=True)
@@ -937,8 +924,8 @@ def export_coco(samples, *, label_field: str, export_dir: str, mask_format: str 
                 ann["score"] = float(det.confidence)
             annotations.append(ann)
     info = {"description": f"{_dataset_of(samples).name}: {label_field}", "date_created": _now()}
-    labels_path.write_text(json.dumps({"info": info, "images": images, "annotations": annotations,
-                                       "categories": categories}))
+    write_json_atomic(labels_path, {"info": info, "images": images, "annotations": annotations,
+                                    "categories": categories})
     return {"labels_path": str(labels_path), "mask_format": mask_format, "num_images": len(images),
             "num_annotations": len(annotations), "data_path": str(data_dir) if export_media else None,
             "num_failed": len(failed), "failed": _capped(failed)}

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 FORMAT_VERSION = 1
 _HEADER_KEY = "refseg"
@@ -184,12 +184,10 @@ class MemoryBank:
             "references": [e.to_dict() for e in self.entries],
             _CHECKSUM_KEY: _tensor_sha256(emb),
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"embeddings": emb}, str(tmp), metadata={_HEADER_KEY: json.dumps(header)})
-        from refseg.io.files import default_mode
+        from refseg.io.files import write_atomic
 
-        os.chmod(tmp, default_mode())  # safetensors may create the file 0600: follow the umask instead
-        os.replace(tmp, path)
+        # serialised in memory, then one fsync'd atomic write (mode following the umask)
+        write_atomic(path, safetensors_bytes({"embeddings": emb}, metadata={_HEADER_KEY: json.dumps(header)}))
         return path
 
     @classmethod

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -31,15 +31,64 @@ class Reference:
     source: dict = field(default_factory=dict)
 
 
+NO_ANNOTATION = "no annotation of this class among the references"
+
+
 @dataclass
 class BankReport:
-    """What happened to each reference while building a bank."""
+    """What happened to each reference while building a bank, per class.
 
-    used: dict[str, int] = field(default_factory=dict)
+    ``classes``: the classes the caller expected (e.g. every category of a COCO file,
+    the classes declared on a FiftyOne field); one that never shows up among the
+    references is reported too (:meth:`unannotated`), not silently left out.
+    """
+
+    used: dict[str, int] = field(default_factory=dict)  # class -> positive references added
     skipped: list[tuple[dict, str, str]] = field(default_factory=list)  # (source, class, reason)
+    negatives: dict[str, int] = field(default_factory=dict)  # class -> negative references added
+    classes: list[str] = field(default_factory=list)
+
+    def skip(self, source: dict, class_name: str, reason: str) -> None:
+        """Record a reference that could not be used (unreadable image, bad annotation...)."""
+        self.skipped.append((source, class_name, reason))
+
+    def all_classes(self) -> list[str]:
+        """The expected classes, then any other class met, in order of appearance."""
+        met = [*self.used, *self.negatives, *(c for _, c, _ in self.skipped if c is not None)]
+        return list(dict.fromkeys([*self.classes, *met]))
+
+    def added(self, class_name: str) -> int:
+        """References (positive and negative) of ``class_name`` added to the bank."""
+        return self.used.get(class_name, 0) + self.negatives.get(class_name, 0)
+
+    def unannotated(self) -> list[str]:
+        """Expected classes with no reference at all, neither used nor skipped."""
+        seen = {c for _, c, _ in self.skipped}
+        return [c for c in self.all_classes() if not self.added(c) and c not in seen]
+
+    def unusable(self) -> list[str]:
+        """Classes that had references, none of them usable."""
+        seen = {c for _, c, _ in self.skipped}
+        return [c for c in self.all_classes() if not self.added(c) and c in seen]
+
+    def rows(self) -> list[dict]:
+        """Per class: ``used``, ``negatives``, ``skipped`` counts and the distinct skip ``reasons``."""
+        out = []
+        for c in self.all_classes():
+            reasons = list(dict.fromkeys(r for _, sc, r in self.skipped if sc == c))
+            out.append({"class": c, "used": self.used.get(c, 0), "negatives": self.negatives.get(c, 0),
+                        "skipped": sum(1 for _, sc, _ in self.skipped if sc == c),
+                        "reasons": sorted(reasons) if reasons or self.added(c) else [NO_ANNOTATION]})
+        return out
 
     def summary(self) -> str:
-        lines = [f"{c}: {n} reference(s)" for c, n in self.used.items()]
+        lines = []
+        for row in self.rows():
+            counts = [f"{row['used']} reference(s)"] + ([f"{row['negatives']} negative(s)"] if row["negatives"] else [])
+            if row["skipped"]:
+                counts.append(f"{row['skipped']} skipped")
+            lines.append(f"{row['class']}: " + (", ".join(counts) if row["used"] or row["negatives"] or row["skipped"]
+                                                 else NO_ANNOTATION))
         lines += [f"skipped {c} {s}: {r}" for s, c, r in self.skipped]
         return "\n".join(lines)
 
@@ -85,35 +134,58 @@ def mask_to_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
+def masks_from_boxes(proposer: ProposalGenerator, image: np.ndarray, boxes: Sequence[Sequence[float]],
+                     image_size: int = 1024, precision: str = "fp32") -> list[np.ndarray]:
+    """SAM2 box prompts -> one [H, W] bool mask per box (xyxy pixels), at the image's resolution.
+
+    The image is squashed to ``image_size`` squared (the proposer's input), the boxes
+    scaled alike, and each box's mask logits are resized back and thresholded at 0.
+    Check each box with :func:`box_problem` first: this runs the proposal model.
+    """
+    if len(boxes) == 0:
+        return []
+    h, w = image.shape[:2]
+    s = image_size
+    sq = squash_to_square(image, s).to(proposer.device)
+    scale = torch.tensor([s / w, s / h, s / w, s / h])
+    box_t = (torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 4) * scale).to(proposer.device)
+    with torch.inference_mode(), autocast(proposer.device, precision):
+        logits = proposer.masks_from_boxes(sq, box_t).float()  # [K, h', w']
+    # one box at a time at full resolution: K float masks of a large image would not fit
+    return [(F.interpolate(m[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0] > 0).cpu().numpy()
+            for m in logits]
+
+
 class ReferenceEncoder:
     """Turns reference instances into embeddings with a feature encoder.
 
-    Box-only references are first turned into masks with ``proposer.masks_from_boxes``
-    (the best of SAM2's multimask outputs).
+    Box-only references are first turned into masks with :func:`masks_from_boxes`
+    (the best of SAM2's multimask outputs). ``proposer_factory`` (no arguments) builds
+    the proposer the first time a box-only reference with a usable box needs it, so a
+    bank of masks alone never loads the proposal model.
     """
 
     def __init__(self, encoder: FeatureEncoder, config: ReferenceConfig = ReferenceConfig(),
                  proposer: ProposalGenerator | None = None, proposal_image_size: int = 1024,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", proposer_factory: Callable[[], ProposalGenerator] | None = None):
         self.encoder = encoder
         self.config = config
         self.proposer = proposer
+        self.proposer_factory = proposer_factory
         self.proposal_image_size = proposal_image_size
         self.precision = precision
 
-    def mask_from_box(self, image: np.ndarray, box: Sequence[float]) -> np.ndarray:
-        """SAM2 box prompt -> [H, W] bool mask at the image's resolution."""
+    def proposal_model(self) -> ProposalGenerator:
+        """The proposer; built by ``proposer_factory`` on first use (a box-only reference with a usable box)."""
+        if self.proposer is None and self.proposer_factory is not None:
+            self.proposer = self.proposer_factory()
         if self.proposer is None:
             raise UnusableReference("reference has a box but no mask, and no proposal model was given to make one")
-        h, w = image.shape[:2]
-        s = self.proposal_image_size
-        sq = squash_to_square(image, s).to(self.proposer.device)
-        scale = torch.tensor([s / w, s / h, s / w, s / h])
-        box_t = (torch.as_tensor(box, dtype=torch.float32) * scale).reshape(1, 4).to(self.proposer.device)
-        with torch.inference_mode(), autocast(self.proposer.device, self.precision):
-            logits = self.proposer.masks_from_boxes(sq, box_t)  # [1, h', w']
-        full = F.interpolate(logits.float()[None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        return (full > 0).cpu().numpy()
+        return self.proposer
+
+    def mask_from_box(self, image: np.ndarray, box: Sequence[float]) -> np.ndarray:
+        """SAM2 box prompt -> [H, W] bool mask at the image's resolution."""
+        return masks_from_boxes(self.proposal_model(), image, [box], self.proposal_image_size, self.precision)[0]
 
     def _prepare(self, ref: Reference) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop around the instance -> (image [3, S, S] in [0, 1], patch weights [g, g])."""
@@ -170,13 +242,67 @@ class ReferenceEncoder:
     def build_bank(self, refs: Iterable[Reference], bank: MemoryBank | None = None, negative: bool = False,
                    batch_size: int = 8) -> tuple[MemoryBank, BankReport]:
         """Add every usable reference to ``bank`` (a new one by default); report what was skipped."""
-        refs = list(refs)
-        bank = bank if bank is not None else MemoryBank(self.encoder.settings())
-        report = BankReport()
-        for ref, result in zip(refs, self.embed(refs, batch_size)):
+        builder = BankBuilder(self, bank, batch_size=batch_size)
+        builder.add_all(refs, negative=negative)
+        return builder.finish()
+
+
+REFERENCE_CHUNK = 64  # references decoded and held at a time while building a bank (bounds memory)
+
+
+class BankBuilder:
+    """Adds references to a memory bank a bounded number at a time, with a per-class report.
+
+    The one bank builder of refseg: ``refseg build-bank``, the FiftyOne plugin's
+    ``build_memory_bank`` and ``update_memory_bank_from_review``, and
+    :meth:`ReferenceEncoder.build_bank` all go through it. References handed to
+    :meth:`add` are kept until ``chunk_size`` are waiting, then embedded ``batch_size``
+    at a time and added (positive or negative); those that cannot give an embedding
+    are recorded in :attr:`report` with the reason, as are those the caller rejects
+    before decoding (:meth:`skip`). Give the proposer to ``ref_encoder`` as a
+    ``proposer_factory`` to build it only if a box-only reference with a usable box
+    comes (boxes are checked first, without it).
+    """
+
+    def __init__(self, ref_encoder: ReferenceEncoder, bank: MemoryBank | None = None, classes: Iterable[str] = (),
+                 batch_size: int = 8, chunk_size: int = REFERENCE_CHUNK):
+        if batch_size < 1 or chunk_size < 1:
+            raise ValueError(f"batch_size and chunk_size must be at least 1, not {batch_size} and {chunk_size}")
+        self.ref_encoder = ref_encoder
+        self.bank = bank if bank is not None else MemoryBank(ref_encoder.encoder.settings())
+        self.report = BankReport(classes=list(dict.fromkeys(classes)))
+        self.batch_size, self.chunk_size = batch_size, chunk_size
+        self._pending: list[tuple[Reference, bool]] = []
+
+    def add(self, ref: Reference, negative: bool = False) -> None:
+        """Queue one reference (embedded with the next full chunk, or by :meth:`finish`)."""
+        self._pending.append((ref, negative))
+        if len(self._pending) >= self.chunk_size:
+            self.flush()
+
+    def add_all(self, refs: Iterable[Reference], negative: bool = False) -> None:
+        for ref in refs:
+            self.add(ref, negative)
+
+    def skip(self, source: dict, class_name: str, reason: str) -> None:
+        """Record a reference the caller could not even make (unreadable image, bad annotation...)."""
+        self.report.skip(source, class_name, reason)
+
+    def flush(self) -> None:
+        """Embed the queued references and add the usable ones to the bank."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        results = self.ref_encoder.embed([ref for ref, _ in pending], self.batch_size)
+        for (ref, negative), result in zip(pending, results):
             if isinstance(result, UnusableReference):
-                report.skipped.append((ref.source, ref.class_name, str(result)))
+                self.report.skip(ref.source, ref.class_name, str(result))
                 continue
-            bank.add(ref.class_name, result, negative=negative, source=ref.source)
-            report.used[ref.class_name] = report.used.get(ref.class_name, 0) + 1
-        return bank, report
+            self.bank.add(ref.class_name, result, negative=negative, source=ref.source)
+            counts = self.report.negatives if negative else self.report.used
+            counts[ref.class_name] = counts.get(ref.class_name, 0) + 1
+
+    def finish(self) -> tuple[MemoryBank, BankReport]:
+        """Embed what is still queued; returns the bank and the report."""
+        self.flush()
+        return self.bank, self.report

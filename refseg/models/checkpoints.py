@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from refseg.io.files import mkstemp as _mkstemp
+from refseg.io.files import atomic_file, sha256_file, write_atomic  # sha256_file: also imported from here
 
 import torch
 
@@ -68,15 +68,6 @@ def is_offline(option: bool | None = None) -> bool:
     if option is not None:
         return bool(option)
     return os.environ.get(OFFLINE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:
@@ -149,10 +140,7 @@ def verify_checkpoint(path: Path, expected_sha256: str | None) -> str:
 
 
 def _write_sidecar(path: Path, digest: str) -> None:
-    sidecar = sidecar_path(path)
-    tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(f"{digest}  {path.name}\n")
-    os.replace(tmp, sidecar)
+    write_atomic(sidecar_path(path), f"{digest}  {path.name}\n")
 
 
 def download(url: str, target: str | os.PathLike, expected_sha256: str | None = None) -> str:
@@ -166,39 +154,33 @@ def download(url: str, target: str | os.PathLike, expected_sha256: str | None = 
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
-    fd, tmp_name = _mkstemp(prefix=target.name + ".", suffix=".part", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                response = urllib.request.urlopen(url, timeout=60)
-            except Exception as exc:  # URLError, HTTPError, OSError, ValueError for odd URLs
-                raise CheckpointError(
-                    f"could not download {url}: {exc}. Check the network, or download the file by hand to "
-                    f"{target} and run offline (REFSEG_OFFLINE=1)."
-                ) from exc
-            with response:
-                total = response.headers.get("Content-Length")
-                with tqdm(total=int(total) if total else None, unit="B", unit_scale=True, unit_divisor=1024,
-                          desc=target.name, disable=None) as bar:
-                    for chunk in iter(lambda: response.read(_CHUNK), b""):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        bar.update(len(chunk))
-            if total and out.tell() != int(total):
-                raise CheckpointError(
-                    f"download of {url} ended early: got {out.tell()} of {total} bytes. Try again."
-                )
+    # the download goes to a fsync'd temporary file, renamed to ``target`` only when complete and verified
+    with atomic_file(target, "wb", suffix=".part") as out:
+        try:
+            response = urllib.request.urlopen(url, timeout=60)
+        except Exception as exc:  # URLError, HTTPError, OSError, ValueError for odd URLs
+            raise CheckpointError(
+                f"could not download {url}: {exc}. Check the network, or download the file by hand to "
+                f"{target} and run offline (REFSEG_OFFLINE=1)."
+            ) from exc
+        with response:
+            total = response.headers.get("Content-Length")
+            with tqdm(total=int(total) if total else None, unit="B", unit_scale=True, unit_divisor=1024,
+                      desc=target.name, disable=None) as bar:
+                for chunk in iter(lambda: response.read(_CHUNK), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        if total and out.tell() != int(total):
+            raise CheckpointError(
+                f"download of {url} ended early: got {out.tell()} of {total} bytes. Try again."
+            )
         actual = digest.hexdigest()
         if expected_sha256 is not None and actual != expected_sha256.lower():
             raise CheckpointError(
                 f"checksum mismatch for the download of {url}: sha256 {actual}, official {expected_sha256}. "
                 f"Nothing was saved; try again."
             )
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     if expected_sha256 is None:
         _write_sidecar(target, actual)
     return actual

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 
-from refseg.io.files import mkstemp as _mkstemp
+from refseg.io.files import atomic_file as _atomic_file, write_atomic  # noqa: F401 (write_atomic: API)
 from refseg.io.images import ImageLoadError
 from refseg.method.pipeline import Segmenter
 from refseg.runtime.prefetch import read_ahead
@@ -186,28 +186,6 @@ def _drop_bad_lines(path: Path) -> None:
         for raw in src:
             if _parse_line(raw) is not None:
                 dst.write(raw.decode("utf-8").rstrip("\n") + "\n")
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path):
-    """A text file that replaces ``path`` when the block ends without error (fsync'd temporary + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a fsync'd temporary file and a rename: never half a file."""
-    with _atomic_file(path) as fh:
-        fh.write(text)
 
 
 def _dumps(item: dict) -> str:
