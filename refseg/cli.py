@@ -69,7 +69,9 @@ def _run_spec(args, **changes):
     try:
         return RunSpec(
             proposer=getattr(args, "proposer", DEFAULT_PROPOSER), encoder=getattr(args, "encoder", None) or DEFAULT_ENCODER,
-            preset=args.preset, overrides=args.set or (), encoder_input_size=getattr(args, "input_size", None),
+            preset=args.preset, encoder_input_size=getattr(args, "input_size", None),
+            overrides=[*(args.set or ()), *(["merge.class_thresholds=true"] if getattr(args, "class_thresholds", False)
+                                            else [])],
             proposer_checkpoint=args.proposer_checkpoint, encoder_checkpoint=args.encoder_checkpoint,
             random_init=args.random_weights, cache_dir=args.cache_dir, offline=args.offline or None,
         ).with_changes(**changes)
@@ -232,6 +234,26 @@ def _category_ids(class_names: list[str], coco: dict | None) -> tuple[dict[str, 
     return mapping, [{"id": i, "name": c} for c, i in mapping.items()]
 
 
+def _bank_run_spec(args, spec, bank):
+    """``spec`` with the encoder the bank was built with (``--encoder`` when given) and its input size."""
+    encoder_name = args.encoder
+    if encoder_name is None:
+        from refseg.models.dinov2_encoder import DINOV2_VARIANTS
+
+        encoder_name = str(bank.encoder_settings.get("name", ""))
+        if encoder_name not in DINOV2_VARIANTS:
+            raise UsageError(f"the bank was built with encoder {encoder_name!r}, which is not a registered model "
+                             f"name: pass it with --encoder (e.g. --encoder package.module:Class)")
+    return spec.with_changes(encoder=encoder_name, encoder_input_size=bank.encoder_settings.get("input_size"))
+
+
+def _single_device_segmenter(args, spec, bank):
+    """The Segmenter of ``spec`` with ``bank`` on ``--device`` (the bank is checked against the encoder first)."""
+    encoder = _build("encoder", spec, args)
+    bank.check_encoder(encoder.settings())
+    return spec.build_segmenter(bank, proposer=_build("proposer", spec, args), encoder=encoder)
+
+
 def cmd_predict(args) -> int:
     from refseg.runtime.predict_job import lock_output
 
@@ -269,15 +291,7 @@ def _cmd_predict(args) -> int:
         raise UsageError(f"no target image: {'the COCO file lists none' if coco else f'no image file in {image_dir}'}")
     mapping, categories = _category_ids(bank.class_names, coco)
 
-    encoder_name = args.encoder
-    if encoder_name is None:
-        from refseg.models.dinov2_encoder import DINOV2_VARIANTS
-
-        encoder_name = str(bank.encoder_settings.get("name", ""))
-        if encoder_name not in DINOV2_VARIANTS:
-            raise UsageError(f"the bank was built with encoder {encoder_name!r}, which is not a registered model "
-                             f"name: pass it with --encoder (e.g. --encoder package.module:Class)")
-    spec = spec.with_changes(encoder=encoder_name, encoder_input_size=bank.encoder_settings.get("input_size"))
+    spec = _bank_run_spec(args, spec, bank)
     cfg = spec.config()
     if args.random_weights:
         _random_weights_banner()
@@ -290,9 +304,7 @@ def _cmd_predict(args) -> int:
     else:
         if devices:
             args.device = devices[0]
-        encoder = _build("encoder", spec, args)
-        bank.check_encoder(encoder.settings())
-        segmenter = spec.build_segmenter(bank, proposer=_build("proposer", spec, args), encoder=encoder)
+        segmenter = _single_device_segmenter(args, spec, bank)
 
     cache = None
     if args.candidate_cache and isinstance(segmenter, DevicePool):
@@ -325,6 +337,90 @@ def _cmd_predict(args) -> int:
               f"{EXIT_INCOMPLETE}); rerun the command to retry them")
         return EXIT_INCOMPLETE
     return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- calibrate
+
+
+def _held_out_images(bank, gt: dict, image_dir: Path, skipped: list[str]):
+    """One :class:`~refseg.method.thresholds.HeldOutImage` per reference image of the bank: its bank entries, and
+    as ground truth every annotation of that image in ``gt`` of a bank class (a box-only one as its box)."""
+    import numpy as np
+
+    from refseg.io.coco import annotation_mask, category_names
+    from refseg.method.thresholds import HeldOutImage
+
+    by_file: dict[str, list[str]] = {}
+    for entry in bank.entries:
+        if entry.negative:
+            continue
+        if not entry.source.get("image"):
+            skipped.append(f"reference {entry.id} ({entry.class_name}) names no image file: it cannot be held out")
+            continue
+        by_file.setdefault(str(entry.source["image"]), []).append(entry.id)
+    images = {str(im.get("file_name")): im for im in gt["images"]}
+    names = category_names(gt)
+    classes = set(bank.class_names)
+    for file_name, ids in by_file.items():
+        info = images.get(file_name)
+        if info is None:
+            skipped.append(f"{file_name}: not in the ground-truth COCO file")
+            continue
+        h, w = int(info["height"]), int(info["width"])
+        masks, labels = [], []
+        for ann in gt["annotations"]:
+            name = names.get(int(ann["category_id"]))
+            if int(ann["image_id"]) != int(info["id"]) or name not in classes or ann.get("iscrowd"):
+                continue
+            mask = annotation_mask(ann.get("segmentation"), h, w) if ann.get("segmentation") else None
+            if mask is None:  # box only: the box as its mask
+                x, y, bw, bh = (float(v) for v in ann["bbox"])
+                mask = np.zeros((h, w), dtype=bool)
+                mask[int(round(y)):int(round(y + bh)), int(round(x)):int(round(x + bw))] = True
+            masks.append(mask)
+            labels.append(name)
+        yield HeldOutImage(image_dir / file_name, ids, np.array(masks, dtype=bool).reshape(len(masks), h, w), labels,
+                           name=file_name)
+
+
+def cmd_calibrate(args) -> int:
+    from refseg.io.coco import read_coco
+    from refseg.method.memory_bank import MemoryBank
+    from refseg.method.thresholds import NO_DATA, UNREACHABLE, estimate_thresholds, store_thresholds
+
+    bank_path = _need_file(args.bank, "memory bank")
+    image_dir = _need_dir(args.images, "image folder")
+    gt = read_coco(_need_file(args.ground_truth, "ground-truth COCO file"))
+    if not 0 < args.target_precision <= 1:
+        raise UsageError(f"--target-precision must be in (0, 1], got {args.target_precision}")
+    spec = _run_spec(args)
+    bank = MemoryBank.load(bank_path)
+    bank.check_usable()
+    # estimated with the run's settings, never with thresholds already stored
+    spec = _bank_run_spec(args, spec, bank).with_changes(overrides=(*spec.overrides, ("merge.class_thresholds", False)))
+    if args.random_weights:
+        _random_weights_banner()
+    segmenter = _single_device_segmenter(args, spec, bank)
+    skipped: list[str] = []
+    held_out = list(_held_out_images(bank, gt, image_dir, skipped))
+    for line in skipped:
+        _warn(line)
+    if not held_out:
+        raise UsageError(f"none of the bank's reference images is in {args.ground_truth}: nothing to estimate from")
+    _say(f"labelling {len(held_out)} reference image(s), each with the bank minus its own references "
+         f"(target precision {args.target_precision}); the images' instances of the bank's classes must all be "
+         "annotated in the ground truth, else the estimates are too low")
+    report = estimate_thresholds(segmenter, held_out, args.target_precision)
+    for name, reason in report.failed:
+        _warn(f"{name}: {reason}")
+    for line in report.lines():
+        _say(f"  {line}")
+    store_thresholds(bank, report)
+    out = Path(args.out or bank_path)
+    bank.save(out)
+    _say(f"class thresholds stored in {out}; apply them with refseg predict --class-thresholds")
+    unsure = [c for c, t in report.classes.items() if t.status in (NO_DATA, UNREACHABLE)]
+    return EXIT_INCOMPLETE if unsure or report.failed else EXIT_OK
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -537,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep each image's proposals and features under DIR (a sub-folder per model and proposal "
                         "settings): a rerun with another bank or other match/merge settings then runs no network "
                         "on the images already there")
+    p.add_argument("--class-thresholds", action="store_true",
+                   help="drop detections below their class's threshold stored with the bank by 'refseg calibrate' "
+                        "(the same as --set merge.class_thresholds=true)")
     p.add_argument("--limit", type=int, help="only the first N target images")
     p.add_argument("--restart", action="store_true", help="discard earlier progress of this output")
     p.add_argument("--remove-partial", action="store_true",
@@ -545,6 +644,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p, "Mask proposals.")
     _add_settings_options(p)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("calibrate", parents=[common], help="per-class score thresholds that reach a precision",
+                       description="Label each reference image of a bank with the bank minus its own references, "
+                                   "match the detections to the image's annotated instances (IoU >= 0.5) and choose "
+                                   "per class the lowest score threshold whose detections reach --target-precision. "
+                                   "The thresholds are stored with the bank; 'refseg predict --class-thresholds' "
+                                   "applies them. The reference images' instances of the bank's classes must all be "
+                                   "annotated in --ground-truth.")
+    p.add_argument("--bank", required=True, help="memory bank from 'refseg build-bank'")
+    p.add_argument("--images", required=True, help="folder of the reference images")
+    p.add_argument("--ground-truth", required=True,
+                   help="COCO file with every instance of the reference images (e.g. the training annotations the "
+                        "references were sampled from)")
+    p.add_argument("--target-precision", type=float, default=0.9, help="precision each class must reach (0.9)")
+    p.add_argument("--out", help="write the bank with its thresholds here (default: replace --bank)")
+    p.add_argument("--encoder", default=None,
+                   help="DINOv2 name or import path (default: the registered model the bank was built with)")
+    _add_model_options(p, "Mask proposals.")
+    _add_settings_options(p)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("evaluate", parents=[common], help="COCO AP of a results file",
                        description="pycocotools COCOeval on every ground-truth image (images without detections "

@@ -58,6 +58,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "merge.top_k": _positive_int,
     "merge.score_threshold": _finite,
     "merge.merge_resolution": (lambda v: v is None or (_is_int(v) and v >= 1), "null or a positive integer"),
+    "merge.class_thresholds": _flag,
     "rescore.diffusion": _flag,
     "rescore.alpha": (lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
     "rescore.exponent": (lambda v: _is_number(v) and v > 0, "a number > 0"),
@@ -134,6 +135,8 @@ class MergeConfig:
     top_k: int = 100  # detections kept per image
     score_threshold: float = 0.0  # detections scoring below this are dropped after merging (paper: none)
     merge_resolution: int | None = None  # None: IoS at full image resolution (paper); N: on an N x N grid
+    # drop detections below their class's threshold stored with the bank (refseg calibrate; refseg.method.thresholds)
+    class_thresholds: bool = False
 
     def __post_init__(self) -> None:
         _validate(self, "merge")

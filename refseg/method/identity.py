@@ -35,14 +35,18 @@ def component_identity(component) -> dict:
 
 
 def run_identity(config, proposer: dict, encoder: dict, bank) -> dict:
-    """The identity of labelling with these models (their :func:`component_identity`), bank and config."""
-    return _jsonable({
+    """The identity of labelling with these models (their :func:`component_identity`), bank and config
+    (with the bank's class thresholds when the config applies them)."""
+    identity = {
         "config": config.to_dict(),
         "proposer": proposer,
         "encoder": encoder,
         "classes": list(bank.class_names),
         "bank": bank_digest(bank),
-    })
+    }
+    if config.merge.class_thresholds:
+        identity["thresholds"] = bank.thresholds
+    return _jsonable(identity)
 
 
 def identity_key(identity: dict) -> str:

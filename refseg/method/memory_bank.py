@@ -70,6 +70,9 @@ class MemoryBank:
         self.class_names: list[str] = list(class_names or [])
         self.entries: list[ReferenceEntry] = []
         self._embeddings: list[torch.Tensor] = []  # each [D] float32 on CPU
+        # per-class score thresholds (refseg.method.thresholds.ThresholdReport.to_dict()), with the checksum of
+        # the embeddings they were estimated for under "embeddings_sha256"; {} when none were estimated
+        self.thresholds: dict = {}
 
     # ------------------------------------------------------------------ editing
     def add(self, class_name: str, embedding: torch.Tensor, *, negative: bool = False, source: dict | None = None,
@@ -97,6 +100,23 @@ class MemoryBank:
         self.entries = [self.entries[i] for i in keep]
         self._embeddings = [self._embeddings[i] for i in keep]
         return removed
+
+    def without(self, ids) -> "MemoryBank":
+        """A copy of the bank without the references ``ids`` (the classes stay, even if left empty)."""
+        ids = set(ids)
+        copy = MemoryBank(self.encoder_settings, self.class_names)
+        for entry, emb in zip(self.entries, self._embeddings):
+            if entry.id not in ids:
+                copy.entries.append(entry)
+                copy._embeddings.append(emb)
+        return copy
+
+    def embeddings_sha256(self) -> str:
+        """Checksum of the stored embeddings, in order (what the bank file's header records)."""
+        return _tensor_sha256(self._stacked())
+
+    def _stacked(self) -> torch.Tensor:
+        return (torch.stack(self._embeddings) if self._embeddings else torch.zeros(0, self.dim)).contiguous()
 
     def remove_class(self, class_name: str) -> None:
         """Drop a class and all its references (positive and negative)."""
@@ -176,7 +196,7 @@ class MemoryBank:
         """Write the bank to ``path`` (safetensors); atomic replace."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        emb = (torch.stack(self._embeddings) if self._embeddings else torch.zeros(0, self.dim)).contiguous()
+        emb = self._stacked()
         header = {
             "format_version": FORMAT_VERSION,
             "class_names": self.class_names,
@@ -184,6 +204,8 @@ class MemoryBank:
             "references": [e.to_dict() for e in self.entries],
             _CHECKSUM_KEY: _tensor_sha256(emb),
         }
+        if self.thresholds:
+            header["thresholds"] = self.thresholds
         from refseg.io.files import write_atomic
 
         # serialised in memory, then one fsync'd atomic write (mode following the umask)
@@ -225,6 +247,7 @@ class MemoryBank:
         try:
             bank = cls(header["encoder"], header["class_names"])
             bank.entries = [ReferenceEntry.from_dict(d) for d in header["references"]]
+            bank.thresholds = dict(header.get("thresholds") or {})
         except (KeyError, TypeError, AttributeError) as exc:
             raise BankError(f"{damaged}: its header lacks or garbles {exc}; rebuild it") from None
         if emb.ndim != 2 or emb.shape[0] != len(bank.entries):

@@ -25,6 +25,7 @@ from refseg.method.interfaces import FeatureEncoder, ProposalGenerator
 from refseg.method.matching import match_to_prototypes, pool_features
 from refseg.method.memory_bank import MemoryBank
 from refseg.method.rescoring import rescore_by_diffusion
+from refseg.method.thresholds import apply_thresholds, stored_thresholds
 from refseg.method.merging import class_aware_nms, mask_boxes, soft_merge_scores, top_k, upsampled_intersections
 from refseg.method.precision import autocast
 from refseg.method.preprocess import resize_for_encoder, squash_to_square
@@ -99,6 +100,8 @@ class Segmenter:
         """Use another (or an edited) bank; checks it matches the encoder and is not empty."""
         bank.check_encoder(self.encoder.settings())
         bank.check_usable()
+        # the bank's per-class thresholds, when the settings apply them (refused if none or stale)
+        self._thresholds = stored_thresholds(bank) if self.config.merge.class_thresholds else None
         self.bank = bank
         self.class_names = list(bank.class_names)
         self._prototypes = bank.prototypes()
@@ -135,7 +138,12 @@ class Segmenter:
 
     # ------------------------------------------------------------------ stage 2
     def label(self, cand: Candidates) -> Detections:
-        """Match candidates to the bank, remove duplicates, merge and keep the top k."""
+        """Match candidates to the bank, remove duplicates, merge and keep the top k (and, with
+        ``merge.class_thresholds``, those that pass their class's threshold)."""
+        dets = self._match_and_merge(cand)
+        return dets if self._thresholds is None else apply_thresholds(dets, self._thresholds)
+
+    def _match_and_merge(self, cand: Candidates) -> Detections:
         cfg = self.config
         h, w = cand.image_size
         if len(cand) == 0:
