@@ -776,8 +776,7 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
                              "<id>): the samples already labelled are not labelled again")
         raise
     finally:
-        if device_list is not None:
-            segmenter.close()
+        segmenter.close()  # a DevicePool stops its workers (a Segmenter holds nothing to release)
         report["cache"] = ({"path": str(cache.root), **{k: int(v) for k, v in cache.stats.items()}}
                            if cache is not None else None)
         _record_run(dataset, label_field, report)
