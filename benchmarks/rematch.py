@@ -172,7 +172,7 @@ def main(argv=None) -> int:
             Image.fromarray(img).save(paths[-1], quality=90)
         cache = CandidateCache(args.cache_dir or Path(tmp) / "cache", logits=args.logits, features=args.features,
                                compress=args.compress)
-        cache.bind_segmenter(seg)
+        cache.bind(seg.stage1_settings())
 
         for i, path in enumerate(paths):
             timed = i >= args.warmup

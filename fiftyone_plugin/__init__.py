@@ -15,6 +15,7 @@ Each operator is a thin shell: it reads its form into arguments of a function of
 
 from __future__ import annotations
 
+import asyncio
 import copy
 
 import fiftyone.operators as foo
@@ -184,6 +185,40 @@ def _stream(ctx, generator, summarise):
         yield ctx.trigger("set_progress", {"progress": update.fraction, "label": update[2]})
     yield ctx.trigger("notify", {"message": summarise(report), "variant": "success"})
     yield ctx.trigger("reload_dataset")
+
+
+async def _drain(generator, progress) -> dict:
+    """:func:`core.exhaust` that gives control back to the event loop after every batch: a cancelled task
+    (FiftyOne's delegated worker cancels it on Ctrl-C) stops there, the batch in flight finished and saved,
+    and the labelling generator is closed (its run record then says ``interrupted``)."""
+    try:
+        while True:
+            try:
+                update = next(generator)
+            except StopIteration as stop:
+                return stop.value
+            progress(update)
+            await asyncio.sleep(0)
+    finally:
+        generator.close()
+
+
+def _mark_interrupted(ctx) -> None:
+    """Mark this delegated job failed (it was interrupted), so that it does not stay ``running`` and
+    ``fiftyone delegated rerun <id>`` can resume it. Best effort: the interrupt propagates either way."""
+    from fiftyone.operators.delegated import DelegatedOperationService
+    from fiftyone.operators.executor import ExecutionResult
+
+    doc_id = ctx.request_params.get("run_doc")
+    if doc_id is None:
+        return
+    try:
+        DelegatedOperationService().set_failed(doc_id=doc_id, result=ExecutionResult(error=(
+            "interrupted (Ctrl-C or cancelled) after a finished batch; the samples labelled so far are saved: "
+            f"`fiftyone delegated rerun {doc_id}` labels the rest")))
+    except Exception as exc:  # the database may be what went away
+        print(f"refseg: could not mark delegated operation {doc_id} failed ({exc}); run "
+              f"`fiftyone delegated fail {doc_id}` and then `fiftyone delegated rerun {doc_id}`", flush=True)
 
 
 def _notify(ctx, message: str):
@@ -416,7 +451,8 @@ class AutoLabel(_RefsegOperator):
             _delegate_input(ctx, inputs, n > DELEGATE_ABOVE)
         return types.Property(inputs, view=types.View(label="refseg: auto-label"))
 
-    def execute(self, ctx):
+    async def execute(self, ctx):
+        # a coroutine: FiftyOne runs it on its event loop, not in a thread, so _drain can stop between batches
         p = ctx.params
         if self._queues_shards(ctx):
             report = self._queue_shards(ctx)
@@ -432,7 +468,12 @@ class AutoLabel(_RefsegOperator):
             cache_candidates=bool(p.get("cache_candidates", _cache_default(ctx))),
             num_shards=self._num_shards(ctx), shard_index=p.get("shard_index"), devices=p.get("devices") or None)
         if ctx.delegated or not p.get("stream_progress", True):
-            report = core.exhaust(generator, _progress_to_ctx(ctx))
+            try:
+                report = await _drain(generator, _progress_to_ctx(ctx))
+            except BaseException as exc:
+                if ctx.delegated and not isinstance(exc, Exception):
+                    _mark_interrupted(ctx)
+                raise
             report["summary"] = _label_summary(report)
             return report
         return _stream(ctx, generator, _label_summary)

@@ -739,8 +739,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"refseg {args.command}: error: {message}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
-        print("refseg: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # a labelling run says what it kept (refseg.runtime.labelling)
+        print(f"refseg: {exc.args[0]}" if exc.args else "refseg: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # output piped into a reader that stopped (| head): not an error
         devnull = os.open(os.devnull, os.O_WRONLY)

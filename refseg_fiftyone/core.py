@@ -45,7 +45,7 @@ from refseg.io.images import image_size
 from refseg.models.registry import DEFAULT_ENCODER, DEFAULT_PROPOSER  # noqa: F401 (the operators use them)
 from refseg.runtime.run_spec import RunSpec, format_overrides, parse_overrides  # noqa: F401 (plugin API)
 from refseg.method.references import BankBuilder, BankReport, box_problem, masks_from_boxes
-from refseg.runtime.prefetch import read_ahead
+from refseg.runtime.labelling import LabelStats, batched, label_stream
 
 from . import fiftyone_access
 from .convert import (box_to_pixels, detection_box_pixels, detection_mask, mask_to_crop, pixel_xywh,
@@ -636,28 +636,44 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
                                            encoder=load_encoder(models, device))
         if cache_candidates:
             cache = CandidateCache.for_segmenter(_candidate_root(dataset), segmenter)
+    report = {"bank": bank_name, "label_field": label_field,
+              "shard": {"index": shard_index, "count": num_shards} if num_shards > 1 else None,
+              "devices": used_devices, "status": "running"}
+    stats = LabelStats(total=0)
     try:
-        report = yield from _label_targets(dataset, targets, segmenter, cache, label_field, bank_name, existing,
-                                           num_shards, shard_index, step=max(1, int(batch_size)) * len(used_devices))
+        report.update((yield from _label_targets(dataset, targets, segmenter, cache, label_field, bank_name, existing,
+                                                 num_shards, shard_index, max(1, int(batch_size)) * len(used_devices),
+                                                 report, stats)))
+        report["status"] = "completed"
+    except BaseException as exc:
+        # killed by Ctrl-C, cancelled between batches (the generator closed), or failed: the samples saved so
+        # far stay labelled, and the run record says how far the run got and how to go on
+        interrupted = stats.interrupted or not isinstance(exc, Exception)
+        report.update(_stats_report(stats), status="interrupted" if interrupted else "failed",
+                      error=None if interrupted else f"{type(exc).__name__}: {exc}",
+                      finished_at=_now(),
+                      resume="run auto-label again with the same settings (a delegated job: fiftyone delegated rerun "
+                             "<id>): the samples already labelled are not labelled again")
+        raise
     finally:
-        if device_list is not None:
-            segmenter.close()
-    report = {
-        "bank": bank_name,
-        "label_field": label_field,
-        **report,
-        "shard": {"index": shard_index, "count": num_shards} if num_shards > 1 else None,
-        "devices": used_devices,
-        "cache": ({"path": str(cache.root), **{k: int(v) for k, v in cache.stats.items()}}
-                  if cache is not None else None),
-    }
-    _record_run(dataset, label_field, report)
+        segmenter.close()  # a DevicePool stops its workers (a Segmenter holds nothing to release)
+        report["cache"] = ({"path": str(cache.root), **{k: int(v) for k, v in cache.stats.items()}}
+                           if cache is not None else None)
+        _record_run(dataset, label_field, report)
     return report
 
 
+def _stats_report(stats: LabelStats) -> dict:
+    return {"num_labelled": stats.labelled, "num_failed": stats.failed}
+
+
 def _label_targets(dataset: fo.Dataset, targets, segmenter, cache, label_field: str, bank_name: str, existing: str,
-                   num_shards: int, shard_index: int, step: int) -> Generator[Progress, None, dict]:
-    """Decide which targets this run labels (by its key, ``existing`` and the shard), then label them."""
+                   num_shards: int, shard_index: int, step: int, report: dict, stats: LabelStats
+                   ) -> Generator[Progress, None, dict]:
+    """Decide which targets this run labels (by its key, ``existing`` and the shard), then label them.
+
+    ``report`` gets the run's key and counts before the labelling starts; ``stats`` is kept up to
+    date by the loop (both say how far an interrupted run got)."""
     key = run_key(segmenter)
     # each shard job computes its part from the ids alone: no coordination between the jobs
     n_targets = len(targets) if num_shards == 1 else len(shard_ids(targets, num_shards, shard_index))
@@ -676,46 +692,43 @@ def _label_targets(dataset: fo.Dataset, targets, segmenter, cache, label_field: 
         ids = mine(targets.exists(label_field, False).values("id"))
     else:
         ids = mine(targets.values("id"))
-    done_before = n_targets - len(ids) - foreign
-    report = yield from _label_loop(dataset, ids, step, segmenter, cache, label_field, key, bank_name)
-    return {"run_key": key, "num_targets": n_targets, "num_already_done": done_before,
-            "num_foreign_skipped": foreign, **report}
+    report.update(run_key=key, num_targets=n_targets, num_already_done=n_targets - len(ids) - foreign,
+                  num_foreign_skipped=foreign, started_at=_now())
+    stats.total = len(ids)
+    sink = _SampleSink(dataset, label_field, key, bank_name)
+    yield Progress(0, stats.total, f"labelling {stats.total} sample(s)")
+    # the next batch is read in a thread while the networks work on this one; control comes back after each batch
+    for _ in label_stream(segmenter, batched(ids, step), sink, cache, stats):
+        yield Progress(stats.done, stats.total, f"{stats.done}/{stats.total} samples labelled"
+                       + (f", {stats.failed} failed" if stats.failed else ""))
+    return {**_stats_report(stats), "num_instances": sink.instances, "failed": _capped(sink.failed),
+            "finished_at": _now()}
 
 
-def _label_loop(dataset: fo.Dataset, ids: list[str], step: int, segmenter, cache, label_field: str, key: str,
-                bank_name: str) -> Generator[Progress, None, dict]:
-    """Label ``ids`` ``step`` at a time with ``segmenter`` (a Segmenter or a DevicePool), each sample saved when done."""
-    total = len(ids)
-    started = _now()
-    failed: list[dict] = []
-    labelled = instances = 0
-    yield Progress(0, total, f"labelling {total} sample(s)")
+class _SampleSink:
+    """The FiftyOne sink of the labelling loop (:class:`refseg.runtime.labelling.LabelSink`): sample ids in,
+    each labelled sample saved with the run's key, failures listed."""
 
-    def read(chunk: list[str]) -> tuple[list, list]:
-        """A chunk's samples and what labelling them needs (cache entries or decoded images), read ahead."""
-        ready, items = [], []
-        for sample in dataset.select(chunk, ordered=True).select_fields(label_field).iter_samples():
-            try:
-                items.append(segmenter.prepare(sample.filepath, cache))
-                ready.append(sample)
-            except ImageLoadError as exc:
-                failed.append({"sample_id": sample.id, "filepath": sample.filepath, "error": str(exc)})
-        return ready, items
+    def __init__(self, dataset: fo.Dataset, label_field: str, key: str, bank_name: str):
+        self.dataset, self.label_field, self.key, self.bank_name = dataset, label_field, key, bank_name
+        self.failed: list[dict] = []
+        self.instances = 0
 
-    chunks = [ids[start:start + step] for start in range(0, total, step)]
-    done = 0
-    # the next chunk is read in a thread while the networks work on this one
-    for chunk, (ready, items) in read_ahead(chunks, read):
-        if items:
-            for sample, dets in zip(ready, segmenter.label_prepared(items, cache)):
-                labels = to_fiftyone_detections(dets, **{RUN_ATTR: key, BANK_ATTR: bank_name})
-                _write_labels(sample, label_field, labels)
-                labelled += 1
-                instances += len(labels.detections)
-        done += len(chunk)
-        yield Progress(done, total, f"{done}/{total} samples labelled" + (f", {len(failed)} failed" if failed else ""))
-    return {"num_labelled": labelled, "num_instances": instances, "num_failed": len(failed),
-            "failed": _capped(failed), "started_at": started, "finished_at": _now()}
+    def open(self, batch: list[str]) -> list[tuple[Any, str]]:
+        """The batch's samples (only the output field loaded) with their image files; runs in the reader thread."""
+        samples = self.dataset.select(batch, ordered=True).select_fields(self.label_field).iter_samples()
+        return [(sample, sample.filepath) for sample in samples]
+
+    def name(self, sample) -> str:
+        return sample.filepath
+
+    def write(self, batch, labelled, failed) -> None:
+        for sample, dets in labelled:
+            labels = to_fiftyone_detections(dets, **{RUN_ATTR: self.key, BANK_ATTR: self.bank_name})
+            _write_labels(sample, self.label_field, labels)
+            self.instances += len(labels.detections)
+        self.failed.extend({"sample_id": sample.id, "filepath": sample.filepath, "error": error}
+                           for sample, error in failed)
 
 
 def _candidate_root(dataset: fo.Dataset) -> Path:

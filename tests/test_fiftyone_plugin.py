@@ -10,6 +10,7 @@ plugins folder.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 fo = pytest.importorskip("fiftyone")
+import refseg  # noqa: E402
 import refseg_fiftyone.convert  # noqa: E402
 import refseg_fiftyone.core  # noqa: E402
 import fiftyone.operators as foo  # noqa: E402
@@ -258,7 +260,7 @@ def test_immediate_run_streams_progress_to_the_app(dataset):
     ctx = ExecutionContext(request_params=dict(dataset_name=dataset.name, params=dict(delegate=False)),
                            executor=Executor())
     assert auto.resolve_delegation(ctx) is False
-    messages = list(auto.execute(ctx))
+    messages = list(asyncio.run(auto.execute(ctx)))  # a coroutine (FiftyOne awaits it) returning a generator
     triggered = [m.body.operator_uri for m in messages]
     progress = [m.body.params["progress"] for m in messages if m.body.operator_uri == "set_progress"]
     assert triggered.count("set_progress") == 10 and progress[-1] == pytest.approx(1.0)
@@ -316,6 +318,72 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(dataset, monkeyp
     # other settings make another run: resume relabels everything; skip_labelled relabels nothing
     assert op("auto_label")(dataset, score_threshold=0.5)["num_labelled"] == 9
     assert op("auto_label")(dataset, existing="skip_labelled", score_threshold=0.7)["num_labelled"] == 0
+
+
+def _count_batches(monkeypatch, on_call):
+    """Wrap Segmenter.label_prepared: ``on_call(n)`` runs before batch n; returns the number of images labelled."""
+    real = refseg.Segmenter.label_prepared
+    seen = {"calls": 0, "images": 0}
+
+    def counting(self, items, cache=None):
+        seen["calls"] += 1
+        on_call(seen["calls"])
+        seen["images"] += len(items)
+        return real(self, items, cache)
+
+    monkeypatch.setattr(refseg.Segmenter, "label_prepared", counting)
+    return seen
+
+
+def _last_run(dataset) -> dict:
+    dataset.reload()
+    return dataset.info[refseg_fiftyone.core.RUNS_KEY]["refseg"]
+
+
+def test_keyboard_interrupt_keeps_finished_samples_and_a_rerun_labels_only_the_rest(dataset, monkeypatch):
+    build_toy_bank(dataset)
+
+    def stop_third(n):
+        if n == 3:
+            raise KeyboardInterrupt
+
+    _count_batches(monkeypatch, stop_third)
+    with pytest.raises(KeyboardInterrupt):
+        refseg_fiftyone.core.auto_label(dataset, batch_size=2)
+    assert labelled_count(dataset) == 4
+    run = _last_run(dataset)
+    assert run["status"] == "interrupted" and run["num_labelled"] == 4 and "resume" in run
+
+    seen = _count_batches(monkeypatch, lambda n: None)
+    report = refseg_fiftyone.core.auto_label(dataset, batch_size=2)
+    assert seen["images"] == 5  # the four saved samples are not labelled again
+    assert report["num_already_done"] == 4 and report["num_labelled"] == 5 and report["status"] == "completed"
+    assert labelled_count(dataset) == 9 and _last_run(dataset)["status"] == "completed"
+
+
+def test_ctrl_c_on_a_delegated_worker_stops_after_the_batch_and_rerun_resumes(dataset, monkeypatch):
+    clear_queued_operations()
+    build_toy_bank(dataset)
+    queued = op("auto_label")(dataset, delegate=True, batch_size=2)
+
+    def sigint_during_first(n):
+        if n == 1:  # a real Ctrl-C: asyncio (the worker's event loop) cancels the operator's task
+            os.kill(os.getpid(), signal.SIGINT)
+
+    seen = _count_batches(monkeypatch, sigint_during_first)
+    with pytest.raises(KeyboardInterrupt):
+        DelegatedOperationService().execute_queued_operations(dataset_name=dataset.name)
+    assert seen["calls"] == 1  # stopped between batches, not at the end
+    assert labelled_count(dataset) == 2  # the batch in flight was finished and saved
+    assert _last_run(dataset)["status"] == "interrupted"
+    doc = DelegatedOperationService().get(queued["id"])
+    assert doc.run_state == "failed" and "rerun" in doc.result.error  # not left running, not completed
+
+    seen = _count_batches(monkeypatch, lambda n: None)
+    DelegatedOperationService().rerun_operation(queued["id"])  # what `fiftyone delegated rerun <id>` does
+    (result,) = run_queued(dataset)
+    assert seen["images"] == 7 and result.result["num_already_done"] == 2 and result.result["num_labelled"] == 7
+    assert labelled_count(dataset) == 9
 
 
 def test_resume_leaves_labels_it_did_not_write_alone(dataset):

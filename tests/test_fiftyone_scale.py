@@ -7,6 +7,8 @@ folder); the toy components of :mod:`refseg.testing`; two real ``fiftyone delega
 
 from __future__ import annotations
 
+import asyncio
+
 import os
 import re
 import signal
@@ -128,7 +130,7 @@ def test_queue_all_shards_queues_one_delegated_job_per_shard(dataset):
     assert auto.resolve_delegation(ctx) is False
     form = auto.resolve_input(ctx).type.properties
     assert "shard_index" in form and "shards_notice" in form and "delegate" not in form
-    messages = list(auto.execute(ctx))  # what the App gets: a notification
+    messages = list(asyncio.run(auto.execute(ctx)))  # what the App gets (execute is a coroutine): a notification
     assert [m.body.operator_uri for m in messages] == ["notify"] and "Queued 3" in messages[0].body.params["message"]
     assert len(DelegatedOperationService().get_queued_operations(dataset_name=dataset.name)) == 3
     DelegatedOperationService().delete_for_dataset(dataset._doc.id)

@@ -11,9 +11,10 @@ references or the merging settings change:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ from refseg.method.results import Detections, masks_to_boxes
 from refseg.method.upsampling import upsample_masks
 
 ImageInput = "str | os.PathLike | np.ndarray | PIL.Image.Image"
+
+STAGE1_VERSION = 1  # bump when Segmenter.propose changes what it computes: older candidate caches are then refused
 
 
 @dataclass
@@ -73,7 +76,24 @@ class PreparedImage:
                    source=image if isinstance(image, (str, os.PathLike)) else None)
 
 
-def cache_key(image, cache, key: str | None = None) -> str | None:
+class CandidateStore(Protocol):
+    """What the pipeline asks of a store of stage-1 outputs (e.g.
+    :class:`refseg.runtime.candidate_cache.CandidateCache`; the method layer imports no implementation).
+
+    ``bind`` ties the store to a segmenter's :meth:`Segmenter.stage1_settings` (refusing other
+    settings); ``get`` returns the candidates stored under a key (None when there are none).
+    """
+
+    def key_of(self, image) -> str: ...
+
+    def bind(self, settings: dict) -> None: ...
+
+    def get(self, key: str, device=None) -> "Candidates | None": ...
+
+    def put(self, key: str, cand: "Candidates"): ...
+
+
+def cache_key(image, cache: CandidateStore | None, key: str | None = None) -> str | None:
     """The candidate-cache key of ``image``: ``key`` when given, else the cache's default; None without a cache."""
     if cache is None:
         if key is not None:
@@ -94,6 +114,7 @@ class Segmenter:
         self.proposer = proposer
         self.encoder = encoder
         self.config = config
+        self._stage1_memo: tuple | None = None  # (models and settings it was computed for, stage1_settings())
         self.set_bank(bank)
 
     def set_bank(self, bank: MemoryBank) -> None:
@@ -111,6 +132,30 @@ class Segmenter:
         """What determines this segmenter's results (:func:`refseg.method.identity.run_identity`)."""
         return run_identity(self.config, component_identity(self.proposer), component_identity(self.encoder),
                             self.bank)
+
+    def stage1_settings(self) -> dict:
+        """Everything that determines the :class:`Candidates` of an image (what a candidate store is bound to):
+        the proposer's and the encoder's identity, the proposal settings, precision and mask threshold.
+
+        Computed once per set of models and stage-1 settings (the identities fingerprint weights);
+        the same dict object is returned until one of them changes.
+        """
+        cfg = self.config
+        state = (id(self.proposer), id(self.encoder), cfg.proposal, cfg.precision, cfg.match.mask_threshold)
+        memo = self._stage1_memo
+        if memo is None or memo[0] != state:
+            memo = (state, {"stage1_version": STAGE1_VERSION,
+                            "proposer": component_identity(self.proposer),
+                            "encoder": component_identity(self.encoder),
+                            "proposal": dataclasses.asdict(cfg.proposal),
+                            "precision": cfg.precision,
+                            "mask_threshold": float(cfg.match.mask_threshold)})
+            self._stage1_memo = memo
+        return memo[1]
+
+    def close(self) -> None:
+        """Nothing to release (the models stay usable); here so that a Segmenter and a
+        :class:`~refseg.runtime.device_pool.DevicePool` are used alike by a labelling job."""
 
     # ------------------------------------------------------------------ stage 1
     def propose(self, images: Sequence[np.ndarray]) -> list[Candidates]:
@@ -184,21 +229,22 @@ class Segmenter:
             )
 
     # ------------------------------------------------------------------ reading ahead
-    def prepare(self, image, cache=None, key: str | None = None) -> "PreparedImage":
+    def prepare(self, image, cache: CandidateStore | None = None, key: str | None = None) -> "PreparedImage":
         """Read what labelling ``image`` needs, ahead of the networks (safe in a reader thread).
 
-        Without ``cache``: the decoded image. With ``cache`` (a
-        :class:`~refseg.runtime.candidate_cache.CandidateCache`): the image's stored candidates when
+        Without ``cache``: the decoded image. With ``cache`` (a :class:`CandidateStore`, bound here to
+        :meth:`stage1_settings`): the image's stored candidates when
         there is an entry (no image decode), else the decoded image; ``key`` replaces the
         default key (path + size + mtime, or pixels). Raises :class:`~refseg.io.images.ImageLoadError`.
         """
         key = cache_key(image, cache, key)
         if cache is None:
             return PreparedImage.read(image)
-        cache.bind_segmenter(self)
+        cache.bind(self.stage1_settings())
         return PreparedImage.read(image, key, cache.get(key, self.proposer.device))
 
-    def label_prepared(self, items: Sequence["PreparedImage"], cache=None) -> list[Detections]:
+    def label_prepared(self, items: Sequence["PreparedImage"], cache: CandidateStore | None = None
+                       ) -> list[Detections]:
         """Label prepared images: the networks run on the ones without candidates, as one batch
         (stored in ``cache`` when given), then every image is labelled (:meth:`label`)."""
         cands = [item.candidates for item in items]

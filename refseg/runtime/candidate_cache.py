@@ -65,7 +65,6 @@ key, settings) counts as corrupt: it is a miss, recomputed and overwritten.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -74,22 +73,24 @@ import os
 import shutil
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from refseg.io.files import mkstemp as _mkstemp
-from refseg.method.identity import component_identity, identity_key
+from refseg.method.identity import identity_key
+from refseg.method.pipeline import STAGE1_VERSION, Candidates
 
 if TYPE_CHECKING:  # pragma: no cover
-    from refseg.method.pipeline import Candidates, Segmenter
+    from refseg.runtime.labelling import Labeller
 
 log = logging.getLogger(__name__)
 
 FORMAT = "refseg-candidate-cache"
 FORMAT_VERSION = 1
-STAGE1_VERSION = 1  # bump when Segmenter.propose changes what it computes: older caches are then refused
+__all__ = ["STAGE1_VERSION", "CacheError", "CacheMismatchError", "CandidateCache", "image_key", "settings_hash",
+           "stage1_settings"]
 LOGIT_CODECS = ("exact", "fp16", "int8")
 FEATURE_CODECS = ("fp32", "fp16")
 INT8_RANGE = 64.0  # int8 codec: logits clamped to +-INT8_RANGE ...
@@ -106,17 +107,10 @@ class CacheMismatchError(CacheError, ValueError):
 
 
 # ---------------------------------------------------------------------------- identity
-def stage1_settings(segmenter: "Segmenter") -> dict:
-    """Everything that determines a segmenter's :class:`Candidates` for a given image."""
-    cfg = segmenter.config
-    return _jsonable({
-        "stage1_version": STAGE1_VERSION,
-        "proposer": component_identity(segmenter.proposer),
-        "encoder": component_identity(segmenter.encoder),
-        "proposal": dataclasses.asdict(cfg.proposal),
-        "precision": cfg.precision,
-        "mask_threshold": float(cfg.match.mask_threshold),
-    })
+def stage1_settings(segmenter) -> dict:
+    """Everything that determines a segmenter's :class:`Candidates` for a given image
+    (its :meth:`~refseg.method.pipeline.Segmenter.stage1_settings`; a DevicePool has the same method)."""
+    return _jsonable(segmenter.stage1_settings())
 
 
 def settings_hash(settings: dict) -> str:
@@ -265,7 +259,7 @@ class CandidateCache:
         self.settings: dict | None = None
         self.settings_hash: str | None = None
         self.stats = {"hits": 0, "misses": 0, "corrupt": 0, "writes": 0}
-        self._bound_to: tuple | None = None  # (proposer, encoder, config) objects last bound via a segmenter
+        self._bound_source: dict | None = None  # the settings object last bound (a segmenter's memoised dict)
         if settings is not None:
             self.bind(settings)
         elif (self.root / "manifest.json").exists():
@@ -298,10 +292,13 @@ class CandidateCache:
         Raises :class:`CacheMismatchError` when the directory (or this object) already
         holds other settings.
         """
-        settings = _jsonable(settings)
+        if settings is self._bound_source:  # the same segmenter settings as last time: nothing to compare
+            return
+        source, settings = settings, _jsonable(settings)
         if self.settings is not None:
             if settings != self.settings:
                 raise self._mismatch(self.settings, settings)
+            self._bound_source = source
             return
         rebuild = False
         if self.manifest_path.exists():
@@ -324,27 +321,18 @@ class CandidateCache:
                         "settings": settings}
             self._atomic_write(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True).encode())
         self.settings, self.settings_hash = settings, settings_hash(settings)
+        self._bound_source = source
 
     @classmethod
-    def for_segmenter(cls, base: str | os.PathLike, segmenter: "Segmenter", **codecs) -> "CandidateCache":
-        """The cache of ``segmenter``'s stage-1 settings under ``base``: one sub-folder per :func:`settings_hash`,
-        so other models or proposal settings get their own entries. ``codecs``: as for the constructor."""
-        settings = stage1_settings(segmenter)
+    def for_segmenter(cls, base: str | os.PathLike, segmenter: "Labeller", **codecs) -> "CandidateCache":
+        """The cache of ``segmenter``'s stage-1 settings (its ``stage1_settings()``: a Segmenter or a DevicePool)
+        under ``base``: one sub-folder per :func:`settings_hash`, so other models or proposal settings get their
+        own entries. ``codecs``: as for the constructor."""
+        source = segmenter.stage1_settings()
+        settings = _jsonable(source)
         cache = cls(Path(base) / settings_hash(settings), settings, **codecs)
-        cache._bound_to = cls._identity(segmenter)
+        cache._bound_source = source
         return cache
-
-    @staticmethod
-    def _identity(segmenter: "Segmenter") -> tuple:
-        return (id(segmenter.proposer), id(segmenter.encoder), segmenter.config.proposal, segmenter.config.precision,
-                segmenter.config.match.mask_threshold)
-
-    def bind_segmenter(self, segmenter: "Segmenter") -> None:
-        """:meth:`bind` to ``segmenter``'s :func:`stage1_settings` (fingerprints computed once per model set)."""
-        ident = self._identity(segmenter)
-        if self._bound_to != ident:
-            self.bind(stage1_settings(segmenter))
-            self._bound_to = ident
 
     def _mismatch(self, stored: dict, now: dict) -> CacheMismatchError:
         diffs = _diff(stored, now)
@@ -393,8 +381,6 @@ class CandidateCache:
 
     def get(self, key: str, device: torch.device | str | None = None) -> "Candidates | None":
         """The stored candidates of ``key`` (on ``device``), or None when missing or corrupt (see ``stats``)."""
-        from refseg.method.pipeline import Candidates
-
         self._require_bound()
         path = self.path_for(key)
         if not path.exists():
@@ -430,7 +416,7 @@ class CandidateCache:
         """Delete every entry and the manifest (the object becomes unbound)."""
         shutil.rmtree(self.root / "entries", ignore_errors=True)
         self.manifest_path.unlink(missing_ok=True)
-        self.settings = self.settings_hash = self._bound_to = None
+        self.settings = self.settings_hash = self._bound_source = None
 
     def size_bytes(self) -> int:
         """Bytes on disk of all entries."""

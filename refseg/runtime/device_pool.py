@@ -1,8 +1,9 @@
 """Every local device at once: one worker process per device, results in input order.
 
-:class:`DevicePool` has the :meth:`Segmenter.predict_batch` interface, so the resumable
-runner (:func:`refseg.runtime.predict_job.run_prediction`) drives several GPUs exactly as it
-drives one: each batch is split into contiguous parts, one per device, labelled in
+:class:`DevicePool` is a :class:`~refseg.runtime.labelling.Labeller`, as a
+:class:`~refseg.method.pipeline.Segmenter` is, so the labelling loop
+(:func:`refseg.runtime.labelling.label_stream`, under ``refseg predict`` and the FiftyOne
+auto-label) drives several GPUs exactly as it drives one: each batch is split into contiguous parts, one per device, labelled in
 parallel and put back in order, so no image is lost, duplicated or reordered.
 
 With ``candidate_dir`` the workers share one :class:`~refseg.runtime.candidate_cache.CandidateCache`
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-from refseg.runtime.candidate_cache import CandidateCache
+from refseg.runtime.candidate_cache import CandidateCache, stage1_settings
 from refseg.method.identity import describe_difference
 from refseg.method.memory_bank import MemoryBank
 from refseg.method.pipeline import PreparedImage, cache_key
@@ -69,8 +70,8 @@ def _worker(spec: RunSpec, bank_path: str, device: str, threads: int, candidate_
         seg = spec.build_segmenter(MemoryBank.load(bank_path), device)
         cache = CandidateCache.for_segmenter(candidate_dir, seg) if candidate_dir is not None else None
         results.put(("ready", device, {
-            "identity": seg.identity(), "encoder": seg.encoder.settings(),
-            "cache": None if cache is None else {"root": str(cache.root), "settings": cache.settings}}))
+            "identity": seg.identity(), "stage1": stage1_settings(seg), "encoder": seg.encoder.settings(),
+            "cache": None if cache is None else str(cache.root)}))
     except BaseException:
         results.put(("error", device, traceback.format_exc()))
         return
@@ -155,19 +156,25 @@ class DevicePool:
                               f"{describe_difference(identities[0], next(o for o in identities if o != identities[0]))}): "
                               "their results would be mixed")
         self._identity = identities[0]
+        self._stage1 = infos[0]["stage1"]
         self._next_job = 0
         self.cache = None  # the candidate cache the workers share, with candidate_dir
         if candidate_dir is not None:
-            roots = {info["cache"]["root"] for info in infos}
+            self.cache = CandidateCache.for_segmenter(candidate_dir, self)
+            roots = {info["cache"] for info in infos} | {str(self.cache.root)}
             if len(roots) != 1:
                 self.close()
                 raise WorkerError(f"the device workers disagree on their stage-1 settings ({sorted(roots)}): "
-                                  "they would fill different candidate caches")
-            self.cache = CandidateCache(infos[0]["cache"]["root"], infos[0]["cache"]["settings"])
+                                  "they would fill different candidate caches; check that every device runs the "
+                                  "same refseg and model versions")
 
     def identity(self) -> dict:
         """What determines the pool's results: its workers' :meth:`Segmenter.identity` (all the same)."""
         return dict(self._identity)
+
+    def stage1_settings(self) -> dict:
+        """What determines the workers' stage-1 outputs (:meth:`Segmenter.stage1_settings`, the same in all)."""
+        return self._stage1
 
     def _get(self, timeout: float):
         try:

@@ -26,16 +26,14 @@ from collections import Counter
 import json
 import os
 import sys
-import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 
 from refseg.io.files import atomic_file as _atomic_file, write_atomic  # noqa: F401 (write_atomic: API)
-from refseg.io.images import ImageLoadError
-from refseg.method.pipeline import Segmenter
-from refseg.runtime.prefetch import read_ahead
+from refseg.runtime.labelling import LabelStats, Labeller, batched, label_stream
 
 _PARTIAL_KEY = "refseg_partial"
 _PARTIAL_VERSION = 1
@@ -51,17 +49,28 @@ class OutputLocked(ValueError):
     """Another run is writing the same output (its lock file is held)."""
 
 
+_held_locks = threading.local()  # the output locks this thread holds: a nested lock_output of one is not retaken
+
+
 @contextlib.contextmanager
 def lock_output(out_path: str | os.PathLike):
     """Hold ``<out>.lock`` (``flock``, exclusive, non-blocking) for the duration; refuse a second run.
 
     The lock belongs to the open file description, so the kernel releases it when the
-    holder exits or is killed: a lock file left behind by a dead run does not block.
+    holder exits or is killed: a lock file left behind by a dead run does not block. Another
+    process, or another thread of this one, is refused (:class:`OutputLocked`); within the
+    thread that holds it, a nested ``lock_output`` of the same output (the CLI's around
+    :func:`run_prediction`'s) holds it already and takes nothing.
     """
     import fcntl
 
     out_path = Path(out_path)
     lock = out_path.with_name(out_path.name + ".lock")
+    held = _held_locks.__dict__.setdefault("paths", set())
+    key = os.path.realpath(lock)
+    if key in held:
+        yield lock
+        return
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
@@ -72,7 +81,11 @@ def lock_output(out_path: str | os.PathLike):
                                f"wait for it to finish or use another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield lock
+        held.add(key)
+        try:
+            yield lock
+        finally:
+            held.discard(key)
     finally:
         os.close(fd)
 
@@ -196,13 +209,44 @@ def _diff_keys(a: dict, b: dict) -> list[str]:
     return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
-def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.PathLike]],
+class _ProgressFileSink:
+    """The COCO sink of the labelling loop: one record per image appended to the progress file, fsync'd per batch."""
+
+    def __init__(self, fh, places: dict[int, _Place], names: dict[int, str], root: Path | None,
+                 category_ids, paper_box: bool):
+        self.fh, self.places, self.names, self.root = fh, places, names, root
+        self.category_ids, self.paper_box = category_ids, paper_box
+
+    def open(self, batch: list[tuple[int, str | os.PathLike]]) -> list[tuple[int, Path]]:
+        return [(int(image_id), self.root / p if self.root is not None else Path(p)) for image_id, p in batch]
+
+    def name(self, image_id: int) -> str:
+        return self.names[image_id]
+
+    def write(self, batch, labelled, failed) -> None:
+        records = {image_id: {"image_id": image_id, "file_name": self.names[image_id], "error": error}
+                   for image_id, error in failed}
+        for image_id, dets in labelled:
+            records[image_id] = {"image_id": image_id, "file_name": self.names[image_id],
+                                 "detections": dets.to_coco(image_id, self.category_ids, self.paper_box)}
+        for image_id, _ in batch:  # in the targets' order
+            rec = records[int(image_id)]
+            line = (_dumps(rec) + "\n").encode("utf-8")
+            self.places[rec["image_id"]] = _Place(self.fh.tell(), len(line), "detections" in rec, rec.get("error"))
+            self.fh.write(line)
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+
+def run_prediction(segmenter: Labeller, targets: Sequence[tuple[int, str | os.PathLike]],
                    out_path: str | os.PathLike, category_ids: dict[str, int] | list[int] | None = None,
                    image_root: str | os.PathLike | None = None, batch_size: int = 1, keep_partial: bool = True,
                    restart: bool = False, progress: bool | None = None, run_info: dict | None = None,
                    cache=None) -> PredictionRun:
     """Label every target image and write the COCO results list to ``out_path``; resumable.
 
+    ``segmenter``: a :class:`~refseg.method.pipeline.Segmenter` or a
+    :class:`~refseg.runtime.device_pool.DevicePool` (a :class:`~refseg.runtime.labelling.Labeller`).
     ``targets`` are ``(image_id, path)``; paths are relative to ``image_root`` when
     given (the file name is recorded). ``category_ids`` maps bank class name (or
     class index, as a list) to COCO category id (default index + 1). Images are
@@ -211,13 +255,27 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
     ``batch_size`` at a time. ``restart`` discards earlier progress. ``run_info``
     identifies the run (default :func:`run_fingerprint`): a partial file with other
     ``run_info`` raises :class:`PartialRunMismatch`.
-    """
-    from tqdm.auto import tqdm
 
-    paper_box = segmenter.config.output.paper_box  # the paper preset's short COCO boxes (Detections.to_coco)
+    The output is locked for the call (:func:`lock_output`): a second call on the same
+    ``out_path`` while this one runs, from this process or another, raises :class:`OutputLocked`.
+    A Ctrl-C lets the batch in flight finish and be recorded, then raises KeyboardInterrupt;
+    the same call again resumes.
+    """
     if batch_size < 1:
         raise ValueError(f"batch size must be at least 1, got {batch_size}")
     out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_output(out_path):
+        return _run_locked(segmenter, targets, out_path, category_ids, image_root, batch_size, keep_partial, restart,
+                           progress, run_info, cache)
+
+
+def _run_locked(segmenter: Labeller, targets, out_path: Path, category_ids, image_root, batch_size: int,
+                keep_partial: bool, restart: bool, progress: bool | None, run_info: dict | None,
+                cache) -> PredictionRun:
+    from tqdm.auto import tqdm
+
+    paper_box = segmenter.config.output.paper_box  # the paper preset's short COCO boxes (Detections.to_coco)
     partial = sidecar_path(out_path, ".partial.jsonl")
     root = Path(image_root) if image_root is not None else None
     info = json.loads(json.dumps(run_info if run_info is not None else run_fingerprint(segmenter, category_ids)))
@@ -246,7 +304,6 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
             _drop_bad_lines(partial)
             places = _scan_partial(partial, names)[1]
     else:
-        partial.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(partial, _dumps({_PARTIAL_KEY: _PARTIAL_VERSION, "run": info}) + "\n")
 
     done = {i for i, place in places.items() if place.labelled}
@@ -254,48 +311,19 @@ def run_prediction(segmenter: Segmenter, targets: Sequence[tuple[int, str | os.P
     run = PredictionRun(results_path=out_path, partial_path=partial, n_images=len(targets),
                         n_resumed=len(targets) - len(todo))
 
-    with open(partial, "ab") as fh, tqdm(total=len(targets), initial=run.n_resumed, unit="img",
-                                                           desc="predict", disable=(None if progress is None
-                                                                                    else not progress)) as bar:
-        def read_batch(batch):
-            """Read a batch ahead: cache entries or decoded images; unreadable images become error records."""
-            errors, ids, items = [], [], []
-            for image_id, p in batch:
-                try:
-                    items.append(segmenter.prepare(root / p if root is not None else Path(p), cache))
-                    ids.append(image_id)
-                except ImageLoadError as exc:
-                    errors.append({"image_id": image_id, "file_name": str(p), "error": str(exc)})
-            return errors, ids, items
-
-        def label_and_record(new, ok_ids, items, batch):
-            """Label the readable images of a batch and append the batch's records, fsync'd."""
-            if items:
-                try:
-                    dets = segmenter.label_prepared(items, cache)
-                except Exception:
-                    print("refseg: error while labelling " + ", ".join(names[i] for i in ok_ids), file=sys.stderr)
-                    raise
-                for image_id, d in zip(ok_ids, dets):
-                    new.append({"image_id": image_id, "file_name": names[image_id],
-                                "detections": d.to_coco(image_id, category_ids, paper_box)})
-            order = {image_id: k for k, (image_id, _) in enumerate(batch)}
-            new.sort(key=lambda r: order[r["image_id"]])
-            for rec in new:
-                line = (_dumps(rec) + "\n").encode("utf-8")
-                places[rec["image_id"]] = _Place(fh.tell(), len(line), "detections" in rec, rec.get("error"))
-                fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
-            run.n_processed += len(ok_ids)
-            bar.update(len(batch))
-
-        batches = [todo[start:start + batch_size] for start in range(0, len(todo), batch_size)]
-        # the next batch is read in a thread while the networks work on this one
-        started = time.perf_counter()
-        for batch, (new, ok_ids, items) in read_ahead(batches, read_batch):
-            label_and_record(new, ok_ids, items, batch)
-        run.labelling_s = time.perf_counter() - started
+    stats = LabelStats(total=len(todo))
+    with open(partial, "ab") as fh, tqdm(total=len(targets), initial=run.n_resumed, unit="img", desc="predict",
+                                         disable=(None if progress is None else not progress)) as bar:
+        sink = _ProgressFileSink(fh, places, names, root, category_ids, paper_box)
+        try:
+            for _ in label_stream(segmenter, batched(todo, batch_size), sink, cache, stats):
+                bar.update(run.n_resumed + stats.done - bar.n)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(
+                f"interrupted: {stats.labelled} image(s) labelled by this run are kept in {partial} "
+                f"({len(todo) - stats.done} left); run the same command again to resume") from None
+        finally:
+            run.n_processed, run.labelling_s = stats.labelled, stats.seconds
 
     # the results file is streamed from the progress file: a million images never sit in memory at once
     with open(partial, "rb") as src, _atomic_file(out_path) as dst:
