@@ -612,15 +612,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    """What ends a command in one line with exit code 2: refseg's own errors (:class:`refseg.RefsegError`),
+    usage errors and the operating system's refusals (missing files, permissions, full disks...).
+    Anything else (a ValueError from deep in numpy...) is a bug: traceback, exit code 1."""
+    from refseg.errors import RefsegError
+    from refseg.method.references import UnusableReference
     from refseg.runtime.candidate_cache import CacheError
-    from refseg.io.images import ImageLoadError
-    from refseg.method.memory_bank import BankError
-    from refseg.models.checkpoints import CheckpointError
-    from refseg.runtime.predict_job import OutputLocked, PartialRunMismatch
 
-    # ValueError covers refseg's own input errors (unknown classes, SamplingError, UnusableReference, devices)
-    return (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImageLoadError,
-            BankError, CheckpointError, PartialRunMismatch, OutputLocked, CacheError, ValueError)
+    # CacheError and UnusableReference are listed on their own: their modules do not derive them from RefsegError
+    return UsageError, RefsegError, OSError, CacheError, UnusableReference
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -641,6 +641,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = show
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # output piped into a reader that stopped (| head): not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except _user_errors() as exc:
         if args.debug:
             raise
@@ -650,10 +654,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("refseg: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # output piped into a reader that stopped (| head): not an error
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
     finally:
         warnings.showwarning = previous
 

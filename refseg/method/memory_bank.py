@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from refseg.errors import RefsegError
 
 FORMAT_VERSION = 1
 _HEADER_KEY = "refseg"
@@ -37,7 +38,7 @@ def _tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(t.numpy().tobytes() if t.numel() else b"").hexdigest()
 
 
-class BankError(ValueError):
+class BankError(RefsegError, ValueError):
     """A memory bank is unusable (empty, corrupt, or built for other features)."""
 
 

@@ -33,6 +33,7 @@ from typing import Sequence
 
 
 from refseg.io.files import mkstemp as _mkstemp
+from refseg.errors import RefsegError
 from refseg.io.images import ImageLoadError
 from refseg.method.pipeline import Segmenter
 from refseg.runtime.prefetch import read_ahead
@@ -43,11 +44,11 @@ _PARTIAL_VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
-class PartialRunMismatch(ValueError):
+class PartialRunMismatch(RefsegError, ValueError):
     """The partial results file on disk was produced by a different run."""
 
 
-class OutputLocked(ValueError):
+class OutputLocked(RefsegError, ValueError):
     """Another run is writing the same output (its lock file is held)."""
 
 
