@@ -27,7 +27,7 @@ def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
     """
     n = masks.shape[0]
     boxes = np.zeros((n, 4), dtype=np.int64)
-    if n == 0:
+    if masks.size == 0:  # no mask, or masks of no pixel
         return boxes
     rows = masks.any(axis=2)  # [N, H]
     cols = masks.any(axis=1)  # [N, W]
