@@ -18,6 +18,10 @@ class InvalidInput(RefsegError, ValueError):
     """A value refseg cannot use: a setting out of range, a malformed file, an unusable device..."""
 
 
+class CocoError(InvalidInput):
+    """A COCO file (instances or results), a record of one, or a class selection that refseg cannot use."""
+
+
 class UnknownName(RefsegError, KeyError):
     """A name that is not known: a setting, a preset, a model.
 

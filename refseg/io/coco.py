@@ -28,9 +28,10 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from refseg.errors import RefsegError
+from refseg.errors import CocoError
 from refseg.io.images import ImageLoadError, load_image
 from refseg.method.references import Reference, box_problem
+from refseg.method.results import annotation_mask
 
 # The 20 PASCAL VOC classes under their COCO names (the COCO-FSOD "novel" classes).
 VOC_CLASSES: tuple[str, ...] = (
@@ -41,10 +42,6 @@ VOC_CLASSES: tuple[str, ...] = (
 CLASS_SETS: dict[str, tuple[str, ...]] = {"voc": VOC_CLASSES}
 
 STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
-
-
-class CocoError(RefsegError, ValueError):
-    """A COCO file (instances or results) or a class selection that refseg cannot use."""
 
 
 class SamplingError(CocoError):
@@ -432,30 +429,6 @@ class ReferenceList(list):
     def __init__(self, items: Iterable[Reference] = (), skipped: list[tuple[dict, str, str]] | None = None):
         super().__init__(items)
         self.skipped: list[tuple[dict, str, str]] = skipped if skipped is not None else []
-
-
-def annotation_mask(segmentation, height: int, width: int) -> np.ndarray | None:
-    """COCO segmentation (polygons, RLE or uncompressed RLE) -> [H, W] bool; ``None`` for none at all."""
-    if segmentation is None or (isinstance(segmentation, list) and len(segmentation) == 0):
-        return None
-    if isinstance(segmentation, list):  # polygons
-        polys = [p for p in segmentation if len(p) >= 6]
-        if not polys:
-            raise CocoError("polygon with fewer than 3 points")
-        rles = mask_utils.frPyObjects(polys, height, width)
-        rle = mask_utils.merge(rles)
-    elif isinstance(segmentation, dict) and "counts" in segmentation:
-        size = [int(v) for v in segmentation.get("size", [height, width])]
-        if size != [height, width]:
-            raise CocoError(f"RLE size {size} does not match the image size {[height, width]}")
-        if isinstance(segmentation["counts"], list):  # uncompressed
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        else:
-            counts = segmentation["counts"]
-            rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    else:
-        raise CocoError(f"unsupported segmentation of type {type(segmentation).__name__}")
-    return mask_utils.decode(rle).astype(bool)
 
 
 def iter_references(coco: str | os.PathLike | dict, image_dir: str | os.PathLike,

@@ -14,9 +14,33 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 
-from refseg.errors import InvalidDetections
+from refseg.errors import CocoError, InvalidDetections
 
 _RLE_CHUNK_PIXELS = 1 << 26  # full masks materialised at a time when compact masks are RLE-encoded
+
+
+def annotation_mask(segmentation, height: int, width: int) -> np.ndarray | None:
+    """COCO segmentation (polygons, RLE or uncompressed RLE) -> [H, W] bool; ``None`` for none at all."""
+    if segmentation is None or (isinstance(segmentation, list) and len(segmentation) == 0):
+        return None
+    if isinstance(segmentation, list):  # polygons
+        polys = [p for p in segmentation if len(p) >= 6]
+        if not polys:
+            raise CocoError("polygon with fewer than 3 points")
+        rles = mask_utils.frPyObjects(polys, height, width)
+        rle = mask_utils.merge(rles)
+    elif isinstance(segmentation, dict) and "counts" in segmentation:
+        size = [int(v) for v in segmentation.get("size", [height, width])]
+        if size != [height, width]:
+            raise CocoError(f"RLE size {size} does not match the image size {[height, width]}")
+        if isinstance(segmentation["counts"], list):  # uncompressed
+            rle = mask_utils.frPyObjects(segmentation, height, width)
+        else:
+            counts = segmentation["counts"]
+            rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    else:
+        raise CocoError(f"unsupported segmentation of type {type(segmentation).__name__}")
+    return mask_utils.decode(rle).astype(bool)
 
 
 def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
@@ -234,10 +258,8 @@ class Detections:
         not, or polygons) and its box the mask's exact extent; a record without a segmentation (or
         with an empty one) keeps its ``bbox``, clipped to the image, and an empty mask. ``score``
         defaults to 1 (ground truth). Records that do not fit raise a
-        :class:`refseg.io.coco.CocoError` naming the record.
+        :class:`refseg.errors.CocoError` naming the record.
         """
-        from refseg.io.coco import CocoError, annotation_mask
-
         class_names = list(class_names)
         if category_ids is None:
             index = {i + 1: i for i in range(len(class_names))}
