@@ -77,7 +77,7 @@ def instrument(seg: Segmenter, timer: StageTimer) -> None:
     for attr, name in (("match_to_prototypes", "matching+NMS"), ("class_aware_nms", "matching+NMS"),
                        ("upsampled_intersections", "merging"), ("soft_merge_scores", "merging"),
                        ("pool_features", "pooling"),
-                       ("upsample_masks", "upsampling")):
+                       ("window_masks", "upsampling")):
         setattr(pipeline_module, attr, timer.wrap(getattr(pipeline_module, attr), name))
     seg.encoder.encode = timer.wrap(seg.encoder.encode, "DINOv2")
     model = getattr(seg.proposer, "model", None)

@@ -704,15 +704,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from refseg.runtime.candidate_cache import CacheError
-    from refseg.io.images import ImageLoadError
-    from refseg.method.memory_bank import BankError
-    from refseg.models.checkpoints import CheckpointError
-    from refseg.runtime.predict_job import OutputLocked, PartialRunMismatch
+    """What ends a command in one line with exit code 2: refseg's own errors (:class:`refseg.RefsegError`),
+    usage errors and the operating system's refusals (missing files, permissions, full disks...).
+    Anything else (a ValueError from deep in numpy...) is a bug: traceback, exit code 1."""
+    from refseg.errors import RefsegError
 
-    # ValueError covers refseg's own input errors (unknown classes, SamplingError, UnusableReference, devices)
-    return (UsageError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImageLoadError,
-            BankError, CheckpointError, PartialRunMismatch, OutputLocked, CacheError, ValueError)
+    return UsageError, RefsegError, OSError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -733,6 +730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = show
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # output piped into a reader that stopped (| head): not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except _user_errors() as exc:
         if args.debug:
             raise
@@ -742,10 +743,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # a labelling run says what it kept (refseg.runtime.labelling)
         print(f"refseg: {exc.args[0]}" if exc.args else "refseg: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # output piped into a reader that stopped (| head): not an error
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 0
     finally:
         warnings.showwarning = previous
 

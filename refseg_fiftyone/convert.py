@@ -117,7 +117,7 @@ def _relative_box(pixel_box, height: int, width: int) -> list[float]:
 
 def mask_to_bounding_box(full_mask: np.ndarray) -> list[float]:
     """Tight relative ``[x, y, w, h]`` of a non-empty ``[H, W]`` mask."""
-    return _relative_box(masks_to_boxes(full_mask[None], paper_box=False)[0], *full_mask.shape)
+    return _relative_box(masks_to_boxes(full_mask[None])[0], *full_mask.shape)
 
 
 def to_fiftyone_detection(mask: np.ndarray, label: str, pixel_box=None, **attributes) -> fo.Detection:
@@ -131,20 +131,24 @@ def to_fiftyone_detection(mask: np.ndarray, label: str, pixel_box=None, **attrib
 
 
 def to_fiftyone_detections(dets: refseg.Detections, **container_attributes) -> fo.Detections:
-    """refseg :class:`~refseg.Detections` (full-image masks) -> ``fo.Detections``.
+    """refseg :class:`~refseg.Detections` -> ``fo.Detections``.
 
+    Each mask's tight box and crop come from the detections' compact form
+    (:attr:`~refseg.Detections.compact`): FiftyOne's layout as it is, no full mask is made.
     Empty masks are dropped (FiftyOne cannot place them); ``container_attributes``
     (e.g. the run key) are stored on the ``Detections`` object itself.
     """
     out = []
     names = dets.label_names
-    boxes = masks_to_boxes(dets.masks, paper_box=False)  # tight, exclusive; all at once
-    for i in range(len(dets)):
-        x1, y1, x2, y2 = boxes[i]
+    compact = dets.compact
+    height, width = compact.shape
+    for i, box in enumerate(compact.boxes.tolist()):
+        x1, y1, x2, y2 = box
         if x2 <= x1 or y2 <= y1:  # an empty mask
             continue
         attrs = {"confidence": float(dets.scores[i])}
         if dets.pred_iou is not None:
             attrs["pred_iou"] = float(dets.pred_iou[i])
-        out.append(to_fiftyone_detection(dets.masks[i], names[i], pixel_box=boxes[i], **attrs))
+        out.append(fo.Detection(label=names[i], bounding_box=_relative_box(box, height, width),
+                                mask=compact.crop(i), **attrs))
     return fo.Detections(detections=out, **container_attributes)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -20,7 +21,7 @@ from refseg.method.matching import interpolation_matrix, match_to_prototypes, po
 from refseg.method.merging import class_aware_nms, intersections_by_class, mask_boxes, soft_merge, top_k
 from refseg.method.pipeline import Candidates
 from refseg.method.references import crop_window
-from refseg.method.results import decode_rle, encode_rle, encode_rles, masks_to_boxes
+from refseg.method.results import coco_bboxes, decode_rle, encode_rle, encode_rles, masks_to_boxes
 from refseg.testing import ColorEncoder, ColorRegionProposer, PALETTE, make_synthetic_coco
 
 TOY = PAPER.with_overrides(**{"proposal.image_size": 512})
@@ -159,23 +160,27 @@ def test_top_k_and_threshold():
 def test_box_conventions_paper_and_exact():
     m = np.zeros((1, 10, 12), dtype=bool)
     m[0, 2:5, 3:9] = True  # rows 2..4, cols 3..8
-    assert masks_to_boxes(m, paper_box=True).tolist() == [[3, 2, 8, 4]]
-    assert masks_to_boxes(m, paper_box=False).tolist() == [[3, 2, 9, 5]]
-    det = Detections(m, masks_to_boxes(m, False), np.array([0.5], np.float32), np.array([0]), ["cat"])
+    assert masks_to_boxes(m).tolist() == [[3, 2, 9, 5]]  # exact: x2, y2 one past the last pixel
+    assert coco_bboxes(masks_to_boxes(m)).tolist() == [[3, 2, 6, 3]]
+    assert coco_bboxes(masks_to_boxes(m), paper_box=True).tolist() == [[3, 2, 5, 2]]  # the paper's, one short
+    det = Detections.from_masks(m, np.array([0.5], np.float32), np.array([0]), ["cat"])
+    assert det.boxes.tolist() == [[3, 2, 9, 5]] and det.boxes.dtype == np.float32
     rec = det.to_coco(7, {"cat": 17})[0]
     assert rec["bbox"] == [3.0, 2.0, 6.0, 3.0] and rec["category_id"] == 17 and rec["image_id"] == 7
     assert (decode_rle(rec["segmentation"]) == m[0]).all()
     # the paper's COCO box: one pixel short; computed from the mask, whatever boxes the Detections hold
     assert det.to_coco(7, {"cat": 17}, paper_box=True)[0]["bbox"] == [3.0, 2.0, 5.0, 2.0]
-    det.boxes = masks_to_boxes(m, True)
+    det.boxes = np.array([[0, 0, 12, 10]], np.float32)
     assert det.to_coco(7)[0]["bbox"] == [3.0, 2.0, 6.0, 3.0] and det.to_coco(7, paper_box=True)[0]["bbox"] == [
         3.0, 2.0, 5.0, 2.0]
     # a one-pixel mask and an empty one
     m = np.zeros((2, 10, 12), dtype=bool)
     m[0, 4, 7] = True
-    det = Detections(m, masks_to_boxes(m, False), np.array([0.5, 0.4], np.float32), np.array([0, 0]), ["cat"])
+    det = Detections.from_masks(m, np.array([0.5, 0.4], np.float32), np.array([0, 0]), ["cat"])
     assert [r["bbox"] for r in det.to_coco(1)] == [[7.0, 4.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]]
     assert [r["bbox"] for r in det.to_coco(1, paper_box=True)] == [[7.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    # the same records as pycocotools' own box of each mask's RLE
+    assert [r["bbox"] for r in det.to_coco(1)] == mask_utils.toBbox(det.rles()).tolist()
 
 
 def test_rle_roundtrip_uncompressed_counts():

@@ -112,18 +112,30 @@ def test_workers_share_a_candidate_cache(setup, tmp_path):
 
 
 def test_results_cross_the_pipe_as_tight_crops():
+    import pickle
+
     from refseg.runtime.device_pool import _pack, _unpack
-    from refseg.method.results import Detections, masks_to_boxes
+    from refseg.method.results import CompactMasks, Detections
 
     rng = np.random.default_rng(0)
     masks = np.zeros((4, 60, 80), bool)
     masks[0, 10:20, 30:35] = rng.random((10, 5)) > 0.3
     masks[2] = rng.random((60, 80)) > 0.5  # touches every border
     masks[3, 59, 79] = True  # one corner pixel; mask 1 stays empty
-    dets = Detections(masks=masks, boxes=masks_to_boxes(masks, True), scores=np.array([0.9, 0.8, 0.7, 0.6]),
-                      labels=np.array([0, 1, 0, 1]), class_names=["a", "b"], pred_iou=np.full(4, 0.5))
-    packed = _pack(dets)
-    assert sum(c.nbytes for c in packed["crops"]) < masks.size // 8  # less than the whole masks' bits
-    back = _unpack(packed)
-    assert np.array_equal(back.masks, masks) and back.masks.dtype == bool
-    assert np.array_equal(back.boxes, dets.boxes) and back.labels.tolist() == [0, 1, 0, 1]
+    scores, labels = np.array([0.9, 0.8, 0.7, 0.6]), np.array([0, 1, 0, 1])
+    dense = Detections.from_masks(masks, scores, labels, ["a", "b"], pred_iou=np.full(4, 0.5))
+    # as the pipeline makes them: masks given in (loose) windows, never as full arrays
+    windows = [[25, 5, 40, 25], [0, 0, 0, 0], [0, 0, 80, 60], [70, 50, 80, 60]]
+    crops = [masks[i, y1:y2, x1:x2] if x2 > x1 else None for i, (x1, y1, x2, y2) in enumerate(windows)]
+    compact = Detections.from_crops((60, 80), windows, crops, scores, labels, ["a", "b"], pred_iou=np.full(4, 0.5))
+    for dets in (dense, compact):
+        packed = _pack(dets)
+        assert isinstance(packed["masks"], CompactMasks) and packed["masks"] is dets.compact  # reused, not re-derived
+        wire = pickle.dumps(packed)
+        assert len(wire) < masks.size // 8 + 2000  # the crops' bits, not the whole masks' bytes
+        back = _unpack(pickle.loads(wire))
+        assert back._masks is None  # full masks only when asked for
+        assert np.array_equal(back.masks, masks) and back.masks.dtype == bool
+        assert np.array_equal(back.boxes, dense.boxes) and back.labels.tolist() == [0, 1, 0, 1]
+        assert back.boxes.tolist() == [[30, 10, 35, 20], [0, 0, 0, 0], [0, 0, 80, 60], [79, 59, 80, 60]]
+    assert compact._masks is None  # packing compact detections made no full mask

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
+from refseg.errors import CocoError
 from refseg.io.images import ImageLoadError, load_image
 from refseg.method.references import Reference, box_problem
+from refseg.method.results import annotation_mask
 
 # The 20 PASCAL VOC classes under their COCO names (the COCO-FSOD "novel" classes).
 VOC_CLASSES: tuple[str, ...] = (
@@ -42,7 +43,7 @@ CLASS_SETS: dict[str, tuple[str, ...]] = {"voc": VOC_CLASSES}
 STAT_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 
 
-class SamplingError(ValueError):
+class SamplingError(CocoError):
     """The reference set cannot be drawn as asked (too few valid instances, bad input)."""
 
 
@@ -66,7 +67,7 @@ def _read_json(source: str | os.PathLike, what: str):
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is not valid JSON: {exc}") from exc
+        raise CocoError(f"{path} is not valid JSON: {exc}") from exc
 
 
 def read_coco(source: str | os.PathLike | dict, *, require_file_names: bool = False) -> dict:
@@ -88,7 +89,7 @@ def read_coco(source: str | os.PathLike | dict, *, require_file_names: bool = Fa
         name = str(Path(source))
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
             data.get("annotations", []), list):
-        raise ValueError(f"{name} is not a COCO instances file (expected a dict with 'images' and 'annotations')")
+        raise CocoError(f"{name} is not a COCO instances file (expected a dict with 'images' and 'annotations')")
     _check_records(data, name, require_file_names)
     return data
 
@@ -151,27 +152,27 @@ def _check_records(data: dict, name: str, require_file_names: bool = False) -> N
     image_ids: list[int] = []
     for i, im in enumerate(data["images"]):
         if not isinstance(im, dict):
-            raise ValueError(f"{name}: images[{i}] is {_kind(im)}, not an image record")
+            raise CocoError(f"{name}: images[{i}] is {_kind(im)}, not an image record")
         file_name = im.get("file_name")
         where = f"images[{i}]" + (f" (file_name {file_name!r})" if file_name else "")
         if "id" not in im:
-            raise ValueError(f"{name}: {where} has no 'id'")
+            raise CocoError(f"{name}: {where} has no 'id'")
         iid = _as_int(im["id"])
         if iid is None:
-            raise ValueError(f"{name}: {where} has a non-integer id {im['id']!r}")
+            raise CocoError(f"{name}: {where} has a non-integer id {im['id']!r}")
         if file_name is not None and not isinstance(file_name, str):
-            raise ValueError(f"{name}: image {iid} ({where}) has a file_name that is {_kind(file_name)}, "
+            raise CocoError(f"{name}: image {iid} ({where}) has a file_name that is {_kind(file_name)}, "
                              f"not a string")
         if require_file_names and not file_name:
-            raise ValueError(f"{name}: image {iid} ({where}) has no 'file_name'")
+            raise CocoError(f"{name}: image {iid} ({where}) has no 'file_name'")
         for key in ("width", "height"):
             if im.get(key) is not None and not ((v := _as_int(im[key])) is not None and v >= 1):
-                raise ValueError(f"{name}: image {iid} ({where}) has a {key} that is not a positive integer: "
+                raise CocoError(f"{name}: image {iid} ({where}) has a {key} that is not a positive integer: "
                                  f"{im[key]!r}")
         image_ids.append(iid)
     dup = _duplicates(image_ids)
     if dup:
-        raise ValueError(f"{name}: duplicate image id(s) {_shown(dup)} (each image needs its own id)")
+        raise CocoError(f"{name}: duplicate image id(s) {_shown(dup)} (each image needs its own id)")
 
     for i, ann in enumerate(data.get("annotations", [])):
         # fast path (every record of a well-formed file): plain ints and a list of four finite numbers
@@ -180,41 +181,41 @@ def _check_records(data: dict, name: str, require_file_names: bool = False) -> N
             if bbox is None or _fast_box(bbox):
                 continue
         if not isinstance(ann, dict):
-            raise ValueError(f"{name}: annotations[{i}] is {_kind(ann)}, not an annotation record")
+            raise CocoError(f"{name}: annotations[{i}] is {_kind(ann)}, not an annotation record")
         where = f"annotations[{i}]" + (f" (id {ann['id']})" if ann.get("id") is not None else "")
         for key in ("category_id", "image_id"):
             if key not in ann:
-                raise ValueError(f"{name}: {where} has no '{key}'")
+                raise CocoError(f"{name}: {where} has no '{key}'")
             if _as_int(ann[key]) is None:
-                raise ValueError(f"{name}: {where} has a non-integer {key} {ann[key]!r}")
+                raise CocoError(f"{name}: {where} has a non-integer {key} {ann[key]!r}")
         bbox = ann.get("bbox")
         if bbox is not None and bbox != [] and not (
                 isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise ValueError(f"{name}: {where} has a bbox that is not four finite numbers [x, y, w, h]: {bbox!r}")
+            raise CocoError(f"{name}: {where} has a bbox that is not four finite numbers [x, y, w, h]: {bbox!r}")
 
     categories = data.get("categories", [])
     if categories is None:
         categories = []
     if not isinstance(categories, list):
-        raise ValueError(f"{name}: 'categories' is {_kind(categories)}, not a list")
+        raise CocoError(f"{name}: 'categories' is {_kind(categories)}, not a list")
     cat_ids: list[int] = []
     for i, cat in enumerate(categories):
         if not isinstance(cat, dict):
-            raise ValueError(f"{name}: categories[{i}] is {_kind(cat)}, not a category record")
+            raise CocoError(f"{name}: categories[{i}] is {_kind(cat)}, not a category record")
         label = cat.get("name")
         where = f"categories[{i}]" + (f" (name {label!r})" if label is not None else "")
         if "id" not in cat:
-            raise ValueError(f"{name}: {where} has no 'id'")
+            raise CocoError(f"{name}: {where} has no 'id'")
         cid = _as_int(cat["id"])
         if cid is None:
-            raise ValueError(f"{name}: {where} has a non-integer id {cat['id']!r}")
+            raise CocoError(f"{name}: {where} has a non-integer id {cat['id']!r}")
         if label is None or not isinstance(label, (str, int, float)) or isinstance(label, bool) or str(label) == "":
-            raise ValueError(f"{name}: category {cid} ({where}) has no 'name'" if label is None else
+            raise CocoError(f"{name}: category {cid} ({where}) has no 'name'" if label is None else
                              f"{name}: category {cid} ({where}) has an unusable name {label!r}")
         cat_ids.append(cid)
     dup = _duplicates(cat_ids)
     if dup:
-        raise ValueError(f"{name}: duplicate category id(s) {_shown(dup)}")
+        raise CocoError(f"{name}: duplicate category id(s) {_shown(dup)}")
 
 
 def box_prompts(coco: str | os.PathLike | dict, categories: str | Sequence[str | int] | None = None) -> list[dict]:
@@ -270,7 +271,7 @@ def resolve_classes(spec: str | Sequence[str | int] | None, coco: dict) -> list[
     else:
         items = list(spec)
     if not items:
-        raise ValueError("empty class list")
+        raise CocoError("empty class list")
     names = category_names(coco)
     by_name = {n: i for i, n in names.items()}
     by_lower = {n.lower(): i for i, n in names.items()}
@@ -295,13 +296,13 @@ def resolve_classes(spec: str | Sequence[str | int] | None, coco: dict) -> list[
         known = ", ".join(names.values()) if len(names) <= 30 else f"{len(names)} categories"
         if isinstance(spec, str) and spec.strip().lower() in CLASS_SETS:
             shown = ", ".join(map(repr, unknown[:5])) + (f", ... ({len(unknown) - 5} more)" if len(unknown) > 5 else "")
-            raise ValueError(f"{len(unknown)} of the {len(items)} {spec.strip().lower()!r} classes are not in the file "
+            raise CocoError(f"{len(unknown)} of the {len(items)} {spec.strip().lower()!r} classes are not in the file "
                              f"({shown}); the file has: {known}")
         hints = []
         for u in unknown:
             close = difflib.get_close_matches(u, list(by_name), n=3)
             hints.append(f"{u!r}" + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
-        raise ValueError(f"unknown class(es) {', '.join(hints)}; the file has: {known}")
+        raise CocoError(f"unknown class(es) {', '.join(hints)}; the file has: {known}")
     return ids
 
 
@@ -429,30 +430,6 @@ class ReferenceList(list):
         self.skipped: list[tuple[dict, str, str]] = skipped if skipped is not None else []
 
 
-def annotation_mask(segmentation, height: int, width: int) -> np.ndarray | None:
-    """COCO segmentation (polygons, RLE or uncompressed RLE) -> [H, W] bool; ``None`` for none at all."""
-    if segmentation is None or (isinstance(segmentation, list) and len(segmentation) == 0):
-        return None
-    if isinstance(segmentation, list):  # polygons
-        polys = [p for p in segmentation if len(p) >= 6]
-        if not polys:
-            raise ValueError("polygon with fewer than 3 points")
-        rles = mask_utils.frPyObjects(polys, height, width)
-        rle = mask_utils.merge(rles)
-    elif isinstance(segmentation, dict) and "counts" in segmentation:
-        size = [int(v) for v in segmentation.get("size", [height, width])]
-        if size != [height, width]:
-            raise ValueError(f"RLE size {size} does not match the image size {[height, width]}")
-        if isinstance(segmentation["counts"], list):  # uncompressed
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        else:
-            counts = segmentation["counts"]
-            rle = {"size": size, "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    else:
-        raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
-    return mask_utils.decode(rle).astype(bool)
-
-
 def iter_references(coco: str | os.PathLike | dict, image_dir: str | os.PathLike,
                     skipped: list[tuple[dict, str, str]] | None = None,
                     categories: str | Sequence[str | int] | None = None) -> Iterator[Reference]:
@@ -557,17 +534,17 @@ def read_results(results: str | os.PathLike | list) -> list[dict]:
         data = _read_json(results, "results file")
         name = str(Path(results))
         if not isinstance(data, list):
-            raise ValueError(f"{name} is not a COCO results file (expected a JSON list of detections)")
+            raise CocoError(f"{name} is not a COCO results file (expected a JSON list of detections)")
     for i, r in enumerate(data):
         if not isinstance(r, dict):
-            raise ValueError(f"{name}: detection [{i}] is {_kind(r)}, not a result record")
+            raise CocoError(f"{name}: detection [{i}] is {_kind(r)}, not a result record")
         for key in ("image_id", "category_id"):
             if key not in r:
-                raise ValueError(f"{name}: detection [{i}] has no '{key}'")
+                raise CocoError(f"{name}: detection [{i}] has no '{key}'")
             if _as_int(r[key]) is None:
-                raise ValueError(f"{name}: detection [{i}] has a non-integer {key} {r[key]!r}")
+                raise CocoError(f"{name}: detection [{i}] has a non-integer {key} {r[key]!r}")
         if not _is_number(r.get("score")):
-            raise ValueError(f"{name}: detection [{i}] has no finite 'score'" if "score" not in r else
+            raise CocoError(f"{name}: detection [{i}] has no finite 'score'" if "score" not in r else
                              f"{name}: detection [{i}] has a score that is not a finite number: {r['score']!r}")
     return data
 
@@ -590,7 +567,7 @@ def evaluate(gt: str | os.PathLike | dict, results: str | os.PathLike | list,
 
     for t in iou_types:
         if t not in ("bbox", "segm"):
-            raise ValueError(f"unknown IoU type {t!r}; use bbox and/or segm")
+            raise CocoError(f"unknown IoU type {t!r}; use bbox and/or segm")
     gt_data = read_coco(gt)
     records = read_results(results)
     gt_api = _coco_api(gt_data)
@@ -601,7 +578,7 @@ def evaluate(gt: str | os.PathLike | dict, results: str | os.PathLike | list,
     img_ids = sorted(gt_images) if image_ids is None else [int(i) for i in image_ids]
     unknown_ids = [i for i in img_ids if i not in gt_images]
     if unknown_ids:
-        raise ValueError(f"{len(unknown_ids)} requested image id(s) are not in the ground truth, e.g. {unknown_ids[:5]}")
+        raise CocoError(f"{len(unknown_ids)} requested image id(s) are not in the ground truth, e.g. {unknown_ids[:5]}")
 
     outside = [r for r in records if int(r["image_id"]) not in gt_images]
     if outside:

@@ -24,12 +24,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from refseg.errors import InvalidInput, RefsegError
+
 MAX_PIXELS_ENV = "REFSEG_MAX_IMAGE_PIXELS"
 _FROM_SETTING = object()  # max_pixels default: $REFSEG_MAX_IMAGE_PIXELS, else PIL's hard limit
 _OPEN_LOCK = threading.Lock()  # refseg's threads change warning filters / PIL's limit one at a time
 
 
-class ImageLoadError(RuntimeError):
+class ImageLoadError(RefsegError, RuntimeError):
     """An image could not be read (missing, corrupt, unsupported or over the pixel limit); names the file."""
 
 
@@ -50,7 +52,7 @@ def max_image_pixels() -> int | None:
     except ValueError:
         value = float("nan")
     if not (value >= 1 and value == int(value)):
-        raise ValueError(f"{MAX_PIXELS_ENV} must be a positive whole number of pixels or 'none', got {text!r}")
+        raise InvalidInput(f"{MAX_PIXELS_ENV} must be a positive whole number of pixels or 'none', got {text!r}")
     return int(value)
 
 
@@ -60,7 +62,7 @@ def _limit(max_pixels) -> int | None:
     if max_pixels is None:
         return None
     if isinstance(max_pixels, bool) or not isinstance(max_pixels, (int, np.integer)) or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
+        raise InvalidInput(f"max_pixels must be a positive integer or None, got {max_pixels!r}")
     return int(max_pixels)
 
 

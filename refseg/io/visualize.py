@@ -12,10 +12,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from refseg.io.images import ImageLoadError, load_image
-from refseg.method.results import Detections, decode_rle
+from refseg.method.results import Detections
 
 MASK_ALPHA = 0.45  # weight of the class colour inside a mask
 BOX_WIDTH = 2  # box outline, pixels
+_NO_CATEGORY = -1  # stands for a record's missing category_id (drawn as "?")
 
 
 def class_color(name: str) -> tuple[int, int, int]:
@@ -26,33 +27,24 @@ def class_color(name: str) -> tuple[int, int, int]:
     return int(r * 255), int(g * 255), int(b * 255)
 
 
-def _as_items(detections, category_names: Mapping[int, str] | None, height: int, width: int) -> list[tuple]:
-    """(mask or None, xyxy box, score, class name) per detection, from Detections or COCO records."""
-    items = []
+def _as_detections(detections, category_names: Mapping[int, str] | None, height: int, width: int) -> Detections:
+    """Detections as they are, or COCO result records of one image as :class:`Detections`
+    (:meth:`Detections.from_coco`; a category without a name is shown by its id, a missing one as "?")."""
     if isinstance(detections, Detections):
-        for i in range(len(detections)):
-            label = int(detections.labels[i])
-            name = detections.class_names[label] if label < len(detections.class_names) else str(label)
-            items.append((detections.masks[i], [float(v) for v in detections.boxes[i]],
-                          float(detections.scores[i]), name))
-        return items
+        return detections
+    records = []
     for rec in detections:
-        cid = rec.get("category_id")
-        name = (category_names or {}).get(int(cid), str(cid)) if cid is not None else "?"
         seg = rec.get("segmentation")
-        mask = decode_rle(seg) if isinstance(seg, dict) and "counts" in seg else None
-        if mask is not None and mask.shape != (height, width):
-            mask = None  # results made for an image of another size: draw the box only
-        if rec.get("bbox"):
-            x, y, w, h = (float(v) for v in rec["bbox"])
-            box = [x, y, x + w, y + h]
-        elif mask is not None and mask.any():
-            ys, xs = np.nonzero(mask)
-            box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
-        else:
-            continue
-        items.append((mask, box, float(rec.get("score", 1.0)), name))
-    return items
+        if isinstance(seg, dict) and [int(v) for v in seg.get("size", (height, width))] != [height, width]:
+            seg = None  # results made for an image of another size: draw the box only
+        elif not (isinstance(seg, dict) and "counts" in seg or isinstance(seg, list) and seg):
+            seg = None
+        if seg is None and not rec.get("bbox"):
+            continue  # nothing to draw
+        records.append({**rec, "segmentation": seg, "category_id": _NO_CATEGORY if rec.get("category_id") is None else rec["category_id"]})
+    ids = sorted({int(r["category_id"]) for r in records})
+    names = {**(category_names or {}), _NO_CATEGORY: "?"}
+    return Detections.from_coco(records, height, width, [names.get(i, str(i)) for i in ids], ids)
 
 
 def render(image_rgb: np.ndarray, detections: Detections | Sequence[dict], out_path: str | os.PathLike | None = None,
@@ -67,23 +59,31 @@ def render(image_rgb: np.ndarray, detections: Detections | Sequence[dict], out_p
     """
     base = load_image(image_rgb)
     height, width = base.shape[:2]
-    items = [it for it in _as_items(detections, category_names, height, width) if it[2] >= score_threshold]
-    items.sort(key=lambda it: it[2], reverse=True)
+    dets = _as_detections(detections, category_names, height, width)
+    same_size = dets.image_size == (height, width)  # else: boxes only
+    order = [i for i in np.argsort(-dets.scores, kind="stable").tolist() if dets.scores[i] >= score_threshold]
     if max_detections is not None:
-        items = items[:max_detections]
-    items.reverse()  # draw low scores first so the best end up on top
+        order = order[:max_detections]
+    order.reverse()  # draw low scores first so the best end up on top
     colors = dict(class_colors or {})
+    names = dets.label_names
 
     canvas = base.astype(np.float32)
-    for mask, _, _, name in items:
-        if mask is None:
+    compact = dets.compact if same_size else None
+    for i in order if same_size else []:
+        x1, y1, x2, y2 = compact.boxes[i].tolist()
+        if x2 <= x1:
             continue
-        color = np.array(colors.setdefault(name, class_color(name)), dtype=np.float32)
-        canvas[mask] = canvas[mask] * (1 - MASK_ALPHA) + color * MASK_ALPHA
+        color = np.array(colors.setdefault(names[i], class_color(names[i])), dtype=np.float32)
+        window = canvas[y1:y2, x1:x2]
+        crop = compact.crop(i)
+        window[crop] = window[crop] * (1 - MASK_ALPHA) + color * MASK_ALPHA
     picture = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default()
-    for _, (x1, y1, x2, y2), score, name in items:
+    for i in order:
+        x1, y1, x2, y2 = (float(v) for v in dets.boxes[i])
+        name, score = names[i], float(dets.scores[i])
         color = colors.setdefault(name, class_color(name))
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=color, width=BOX_WIDTH)
         text = f"{name} {score:.2f}"

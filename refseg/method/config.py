@@ -18,6 +18,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
+from refseg.errors import InvalidInput, UnknownName
+
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 RANKINGS: tuple[str, ...] = ("pred_iou", "score", "area")  # what orders detections in graph-diffusion re-scoring
@@ -83,7 +85,7 @@ def _validate(obj: Any, section: str | None) -> None:
         value = getattr(obj, f.name)
         test, accepted = rule
         if not test(value):
-            raise ValueError(f"setting {key} must be {accepted}, got {value!r}")
+            raise InvalidInput(f"setting {key} must be {accepted}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         for name, kind in _SECTIONS.items():
             if not isinstance(getattr(self, name), kind):
-                raise ValueError(f"setting {name} must be a {kind.__name__} (a section of settings), "
+                raise InvalidInput(f"setting {name} must be a {kind.__name__} (a section of settings), "
                                  f"got {getattr(self, name)!r}")
         _validate(self, None)
 
@@ -247,32 +249,32 @@ def _parse_text(key: str, current: Any, text: str) -> Any:
             return True
         if word.lower() in _FALSE:
             return False
-        raise ValueError(f"setting {key} must be true or false, got {text!r}")
+        raise InvalidInput(f"setting {key} must be true or false, got {text!r}")
     if isinstance(current, int) or (current is None and key in _OPTIONAL_INTS):
         if key in _OPTIONAL_INTS and word.lower() in ("none", "null"):
             return None
         try:
             return int(word)
         except ValueError:
-            raise ValueError(f"setting {key} must be {RULES[key][1] if key in RULES else 'an integer'}, "
+            raise InvalidInput(f"setting {key} must be {RULES[key][1] if key in RULES else 'an integer'}, "
                              f"got {text!r}") from None
     if isinstance(current, float):
         try:
             return float(word)
         except ValueError:
-            raise ValueError(f"setting {key} must be {RULES[key][1] if key in RULES else 'a number'}, "
+            raise InvalidInput(f"setting {key} must be {RULES[key][1] if key in RULES else 'a number'}, "
                              f"got {text!r}") from None
     return text
 
 
 def _replace_dotted(obj: Any, path: list[str], value: Any, done: tuple[str, ...] = ()) -> Any:
     if not dataclasses.is_dataclass(obj):
-        raise KeyError(f"cannot set {'.'.join(done + tuple(path))!r}: {'.'.join(done)} is not a settings section")
+        raise UnknownName(f"cannot set {'.'.join(done + tuple(path))!r}: {'.'.join(done)} is not a settings section")
     names = {f.name: f for f in dataclasses.fields(obj)}
     head = path[0]
     if head not in names:
         where = f" in section {'.'.join(done)}" if done else ""
-        raise KeyError(f"unknown setting {head!r}{where}; known: {', '.join(sorted(names))}")
+        raise UnknownName(f"unknown setting {head!r}{where}; known: {', '.join(sorted(names))}")
     if len(path) == 1:
         current = getattr(obj, head)
         if isinstance(value, str) and not isinstance(current, str):
@@ -311,4 +313,4 @@ def get_preset(name: str) -> PipelineConfig:
     try:
         return PRESETS[name]
     except KeyError:
-        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        raise UnknownName(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

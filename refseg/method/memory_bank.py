@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from refseg.errors import RefsegError
+
 FORMAT_VERSION = 1
 _HEADER_KEY = "refseg"
 _CHECKSUM_KEY = "embeddings_sha256"  # in the JSON header; absent from banks written before it existed
@@ -37,7 +39,7 @@ def _tensor_sha256(tensor: torch.Tensor) -> str:
     return hashlib.sha256(t.numpy().tobytes() if t.numel() else b"").hexdigest()
 
 
-class BankError(ValueError):
+class BankError(RefsegError, ValueError):
     """A memory bank is unusable (empty, corrupt, or built for other features)."""
 
 

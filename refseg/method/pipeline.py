@@ -30,8 +30,8 @@ from refseg.method.thresholds import apply_thresholds, stored_thresholds
 from refseg.method.merging import class_aware_nms, mask_boxes, soft_merge_scores, top_k, upsampled_intersections
 from refseg.method.precision import autocast
 from refseg.method.preprocess import resize_for_encoder, squash_to_square
-from refseg.method.results import Detections, masks_to_boxes
-from refseg.method.upsampling import upsample_masks
+from refseg.method.results import Detections
+from refseg.method.upsampling import window_masks
 
 ImageInput = "str | os.PathLike | np.ndarray | PIL.Image.Image"
 
@@ -217,11 +217,10 @@ class Segmenter:
                 else:
                     scores = soft_merge_scores(inter, scores, labels, pred_iou, features)
             best = top_k(scores, cfg.merge.top_k, cfg.merge.score_threshold)
-            full = upsample_masks(logits[best], (h, w), threshold)  # only the kept masks at full resolution
-            masks = full.cpu().numpy()
-            return Detections(
-                masks=masks,
-                boxes=masks_to_boxes(masks, paper_box=False),  # exact; the paper box only in COCO results (to_coco)
+            # only the kept masks at full resolution, each inside its window, held as tight bit-crops
+            windows, crops = window_masks(logits[best], (h, w), threshold)
+            return Detections.from_crops(  # exact boxes; the paper box only in COCO results (to_coco)
+                (h, w), [[x0, y0, x1, y1] for y0, y1, x0, x1 in windows], crops,
                 scores=scores[best].float().cpu().numpy(),
                 labels=labels[best].cpu().numpy().astype(np.int64),
                 class_names=self.class_names,

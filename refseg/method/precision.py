@@ -6,13 +6,15 @@ import contextlib
 
 import torch
 
+from refseg.errors import InvalidInput
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(device: torch.device | str, precision: str):
     """``torch.autocast`` for bf16/fp16 on the device's type; a no-op for fp32."""
     if precision not in DTYPES:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(DTYPES)}")
+        raise InvalidInput(f"unknown precision {precision!r}; choose one of {', '.join(DTYPES)}")
     dtype = DTYPES[precision]
     if dtype is None:
         return contextlib.nullcontext()

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from refseg.errors import RefsegError
 from refseg.method.config import ReferenceConfig
 from refseg.method.interfaces import FeatureEncoder, ProposalGenerator
 from refseg.method.memory_bank import MemoryBank
@@ -16,7 +17,7 @@ from refseg.method.precision import autocast
 from refseg.method.preprocess import squash_to_square, to_tensor
 
 
-class UnusableReference(ValueError):
+class UnusableReference(RefsegError, ValueError):
     """A reference instance cannot give an embedding (empty or too thin a mask, bad box...)."""
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from refseg.io.files import atomic_file, sha256_file, write_atomic  # sha256_file: also imported from here
+from refseg.errors import InvalidInput, RefsegError
 
 import torch
 
@@ -32,7 +33,7 @@ OFFLINE_ENV = "REFSEG_OFFLINE"
 _CHUNK = 1 << 20
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RefsegError, RuntimeError):
     """A checkpoint exists but cannot be used (corrupt, wrong layout, wrong model, failed checksum)."""
 
 
@@ -94,7 +95,7 @@ def resolve_checkpoint(
             raise FileNotFoundError(f"checkpoint file not found: {local}")
         return local
     if spec is None:
-        raise ValueError("no checkpoint: give a local checkpoint path or a model name with an official checkpoint")
+        raise InvalidInput("no checkpoint: give a local checkpoint path or a model name with an official checkpoint")
     root = get_cache_dir(cache_dir)
     target = root / spec.filename
     if target.is_file():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from refseg.errors import InvalidInput
+
 
 def _mps_available() -> bool:
     mps = getattr(torch.backends, "mps", None)
@@ -26,25 +28,25 @@ def select_device(name: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(name.strip() if isinstance(name, str) else name)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from exc
+        raise InvalidInput(f"unknown device {name!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'") from exc
     if device.type == "cpu":
         return device
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} requested but CUDA is not available here; {_available()}")
+            raise InvalidInput(f"device {name!r} requested but CUDA is not available here; {_available()}")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
+            raise InvalidInput(
                 f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist; {_available()}"
             )
         return device
     if device.type == "mps":
         if not _mps_available():
-            raise ValueError(f"device {name!r} requested but MPS is not available here; {_available()}")
+            raise InvalidInput(f"device {name!r} requested but MPS is not available here; {_available()}")
         return device
     try:  # other backends (xpu, ...): usable if a tensor can be made there
         torch.empty(0, device=device)
     except Exception as exc:
-        raise ValueError(f"device {name!r} is not usable here ({exc}); {_available()}") from exc
+        raise InvalidInput(f"device {name!r} is not usable here ({exc}); {_available()}") from exc
     return device
 
 

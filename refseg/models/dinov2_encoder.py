@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from refseg.errors import InvalidInput, UnknownName
 from refseg.models.devices import select_device
 from refseg.method.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from refseg.models.checkpoints import (
@@ -102,7 +103,7 @@ def dinov2_variant(name: str) -> DINOv2Variant:
     try:
         return DINOV2_VARIANTS[key]
     except KeyError:
-        raise KeyError(f"unknown DINOv2 model {name!r}; choose one of {', '.join(DINOV2_VARIANTS)}") from None
+        raise UnknownName(f"unknown DINOv2 model {name!r}; choose one of {', '.join(DINOV2_VARIANTS)}") from None
 
 
 def build_dinov2(variant: DINOv2Variant, input_size: int = DEFAULT_INPUT_SIZE) -> "VisionTransformer":
@@ -110,7 +111,7 @@ def build_dinov2(variant: DINOv2Variant, input_size: int = DEFAULT_INPUT_SIZE) -
     import timm  # heavy import; only when a model is built
 
     if input_size <= 0 or input_size % PATCH_SIZE:
-        raise ValueError(f"DINOv2 input_size must be a positive multiple of {PATCH_SIZE}, got {input_size}")
+        raise InvalidInput(f"DINOv2 input_size must be a positive multiple of {PATCH_SIZE}, got {input_size}")
     return timm.create_model(variant.timm_arch, pretrained=False, img_size=input_size, num_classes=0)
 
 
@@ -227,7 +228,7 @@ class DINOv2Encoder:
         """
         variant = dinov2_variant(name)
         if random_init and checkpoint is not None:
-            raise ValueError("give either a checkpoint or random_init=True, not both")
+            raise InvalidInput("give either a checkpoint or random_init=True, not both")
         target = select_device(device)
         path = None if random_init else resolve_checkpoint(variant.checkpoint, checkpoint, cache_dir, offline)
         model = build_dinov2(variant, input_size)

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from refseg.errors import InvalidInput, RefsegError
+
 from refseg.method.config import ProposalConfig
 from refseg.models.devices import select_device
 from refseg.method.interfaces import FeatureEncoder, ProposalGenerator
@@ -23,6 +25,10 @@ from refseg.method.interfaces import FeatureEncoder, ProposalGenerator
 # The paper's models, the defaults of the command line and the FiftyOne plugin
 DEFAULT_PROPOSER = "sam2_hiera_l"
 DEFAULT_ENCODER = "dinov2_vitl14"
+
+
+class ComponentError(RefsegError, TypeError):
+    """An import path names something that is not a usable proposer or encoder."""
 
 
 def load_component(spec: str, **kwargs: Any) -> Any:
@@ -34,7 +40,7 @@ def load_component(spec: str, **kwargs: Any) -> Any:
     config...) and a component takes what it needs.
     """
     if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
-        raise ValueError(f"component {spec!r} is not an import path of the form 'package.module:Class'")
+        raise InvalidInput(f"component {spec!r} is not an import path of the form 'package.module:Class'")
     module_name, attr_path = spec.split(":")
     try:
         module = importlib.import_module(module_name)
@@ -46,12 +52,12 @@ def load_component(spec: str, **kwargs: Any) -> Any:
             raise AttributeError(f"module {module_name!r} has no attribute {attr_path!r} (component {spec!r})")
         target = getattr(target, part)
     if not callable(target):
-        raise TypeError(f"component {spec!r} is a {type(target).__name__}, not a class or factory")
+        raise ComponentError(f"component {spec!r} is a {type(target).__name__}, not a class or factory")
     accepted = _accepted_kwargs(target, kwargs)
     try:
         return target(**accepted)
     except TypeError as exc:
-        raise TypeError(f"could not create component {spec!r} with arguments {sorted(accepted)}: {exc}") from exc
+        raise ComponentError(f"could not create component {spec!r} with arguments {sorted(accepted)}: {exc}") from exc
 
 
 def _accepted_kwargs(target: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +75,7 @@ def _accepted_kwargs(target: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
 def _check(obj: Any, protocol: type, members: tuple[str, ...], spec: str) -> None:
     if not isinstance(obj, protocol):
         missing = [m for m in members if not hasattr(obj, m)]
-        raise TypeError(
+        raise ComponentError(
             f"component {spec!r} built a {type(obj).__name__}, which does not implement "
             f"{protocol.__name__} (missing: {', '.join(missing) or '?'}); see refseg.method.interfaces"
         )
@@ -99,7 +105,7 @@ def build_proposer(
         try:
             sam2_variant(spec)
         except KeyError:
-            raise ValueError(
+            raise InvalidInput(
                 f"unknown proposer {spec!r}: use a SAM2 model name ({', '.join(SAM2_VARIANTS)}) "
                 f"or an import path 'package.module:Class'"
             ) from None
@@ -135,7 +141,7 @@ def build_encoder(
         try:
             dinov2_variant(spec)
         except KeyError:
-            raise ValueError(
+            raise InvalidInput(
                 f"unknown encoder {spec!r}: use a DINOv2 model name ({', '.join(DINOV2_VARIANTS)}) "
                 f"or an import path 'package.module:Class'"
             ) from None

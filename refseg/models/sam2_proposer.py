@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from refseg.errors import InvalidInput, UnknownName
 from refseg.method.config import ProposalConfig
 from refseg.models.devices import select_device
 from refseg.method.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -81,7 +82,7 @@ def sam2_variant(name: str) -> SAM2Variant:
     try:
         return SAM2_VARIANTS[key]
     except KeyError:
-        raise KeyError(f"unknown SAM2 model {name!r}; choose one of {', '.join(SAM2_VARIANTS)}") from None
+        raise UnknownName(f"unknown SAM2 model {name!r}; choose one of {', '.join(SAM2_VARIANTS)}") from None
 
 
 def load_sam2(
@@ -106,9 +107,9 @@ def load_sam2(
 
     variant = sam2_variant(name)
     if random_init and checkpoint is not None:
-        raise ValueError("give either a checkpoint or random_init=True, not both")
+        raise InvalidInput("give either a checkpoint or random_init=True, not both")
     if image_size <= 0 or image_size % _SIZE_MULTIPLE:
-        raise ValueError(f"SAM2 image_size must be a positive multiple of {_SIZE_MULTIPLE}, got {image_size}")
+        raise InvalidInput(f"SAM2 image_size must be a positive multiple of {_SIZE_MULTIPLE}, got {image_size}")
     target = select_device(device)
     path = None if random_init else resolve_checkpoint(variant.checkpoint, checkpoint, cache_dir, offline)
     # apply_postprocessing only tunes single-mask outputs; proposals always use the multimask outputs.
@@ -146,7 +147,7 @@ def point_grid(points_per_side: int, image_size: int) -> torch.Tensor:
     SAM's prompt encoder adds its own +0.5 pixel-centre shift on top.
     """
     if points_per_side < 1:
-        raise ValueError(f"points_per_side must be >= 1, got {points_per_side}")
+        raise InvalidInput(f"points_per_side must be >= 1, got {points_per_side}")
     side = torch.linspace(0, image_size - 1, points_per_side, dtype=torch.float32) + 0.5
     xs = side.repeat_interleave(points_per_side)
     ys = side.repeat(points_per_side)

@@ -78,6 +78,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from refseg.errors import RefsegError
 from refseg.io.files import mkstemp as _mkstemp
 from refseg.method.identity import identity_key
 from refseg.method.pipeline import STAGE1_VERSION, Candidates
@@ -98,7 +99,7 @@ INT8_KNEE = 0.05  # ... and quantised on an asinh scale: steps of ~0.003 near 0,
 _NEAR_EPS = 1e-4  # exact codec: cells this close to the threshold are stored exactly
 
 
-class CacheError(RuntimeError):
+class CacheError(RefsegError, RuntimeError):
     """A candidate cache cannot be used."""
 
 

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from refseg.errors import InvalidInput
 from refseg.runtime.candidate_cache import CandidateCache, stage1_settings
 from refseg.method.identity import describe_difference
 from refseg.method.memory_bank import MemoryBank
 from refseg.method.pipeline import PreparedImage, cache_key
-from refseg.method.results import Detections, masks_to_boxes
+from refseg.method.results import Detections
 from refseg.runtime.run_spec import RunSpec
 
 
@@ -38,28 +39,20 @@ def local_devices(spec: str) -> list[str]:
         return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
     devices = [d.strip() for d in spec.split(",") if d.strip()]
     if not devices:
-        raise ValueError(f"no device in {spec!r}")
+        raise InvalidInput(f"no device in {spec!r}")
     return devices
 
 
 def _pack(dets: Detections) -> dict:
-    """Detections -> what goes through the pipe: each mask as its bit-packed tight crop (a few KB, not H x W bits)."""
-    d = dict(boxes=dets.boxes, scores=dets.scores, labels=dets.labels, pred_iou=dets.pred_iou,
-             class_names=dets.class_names, shape=dets.masks.shape)
-    windows = masks_to_boxes(dets.masks, paper_box=False).astype(np.int64)  # x1, y1, x2, y2 exclusive
-    d["windows"] = windows
-    d["crops"] = [np.packbits(m[y1:y2, x1:x2]) for m, (x1, y1, x2, y2) in zip(dets.masks, windows)]
-    return d
+    """Detections -> what goes through the pipe: the masks in their compact form (tight boxes and
+    bit-packed crops, :class:`~refseg.method.results.CompactMasks`: a few KB, not H x W bytes each)."""
+    return dict(masks=dets.compact, boxes=dets.boxes, scores=dets.scores, labels=dets.labels,
+                pred_iou=dets.pred_iou, class_names=dets.class_names)
 
 
 def _unpack(d: dict) -> Detections:
-    shape, windows, crops = d.pop("shape"), d.pop("windows"), d.pop("crops")
-    masks = np.zeros(shape, dtype=bool)
-    for mask, (x1, y1, x2, y2), bits in zip(masks, windows, crops):
-        h, w = y2 - y1, x2 - x1
-        if h > 0 and w > 0:
-            mask[y1:y2, x1:x2] = np.unpackbits(bits, count=h * w).view(bool).reshape(h, w)
-    return Detections(masks=masks, **d)
+    """The inverse of :func:`_pack`; the full masks are made only when ``masks`` is read."""
+    return Detections(**d)
 
 
 def _worker(spec: RunSpec, bank_path: str, device: str, threads: int, candidate_dir: str | None, jobs,

@@ -34,6 +34,7 @@ from typing import Sequence
 
 from refseg.io.files import atomic_file as _atomic_file, write_atomic  # noqa: F401 (write_atomic: API)
 from refseg.runtime.labelling import LabelStats, Labeller, batched, label_stream
+from refseg.errors import RefsegError
 
 _PARTIAL_KEY = "refseg_partial"
 _PARTIAL_VERSION = 1
@@ -41,11 +42,11 @@ _PARTIAL_VERSION = 1
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
-class PartialRunMismatch(ValueError):
+class PartialRunMismatch(RefsegError, ValueError):
     """The partial results file on disk was produced by a different run."""
 
 
-class OutputLocked(ValueError):
+class OutputLocked(RefsegError, ValueError):
     """Another run is writing the same output (its lock file is held)."""
 
 
