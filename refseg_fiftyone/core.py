@@ -10,9 +10,11 @@ FiftyOne and refseg. What it needs of FiftyOne beyond its public API is in
 
 Where things are kept:
 
-- a memory bank is a safetensors file under :func:`bank_dir`; the dataset's
-  ``info["refseg_banks"][<bank name>]`` points to it and records the models and
-  settings it was built with, so labelling runs reuse them;
+- a memory bank is a safetensors file under :func:`bank_dir`, in a folder of its
+  dataset's own (:func:`bank_path`: named by the dataset's id); the dataset's
+  ``info["refseg_banks"][<bank name>]`` points to it, records which dataset owns it
+  and its digest, and the models and settings it was built with, so labelling runs
+  reuse them; a clone writes its own copy before changing a bank;
 - a labelled sample's ``Detections`` carry the run key (``refseg_run``) and the bank
   name (``refseg_bank``) on the container, written in the same update as the labels:
   a run that stops half way leaves every finished sample complete and marked, and
@@ -126,8 +128,26 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "unnamed"
 
 
+def _bank_file_name(bank_name: str) -> str:
+    """``<bank name>.safetensors``; a name the slug changes gets a digest of it too ("x#y" and "x y" differ)."""
+    slug = _slug(bank_name)
+    if slug != bank_name:
+        slug += "-" + hashlib.sha256(bank_name.encode()).hexdigest()[:8]
+    return f"{slug}.safetensors"
+
+
 def bank_path(dataset: fo.Dataset, bank_name: str) -> Path:
-    """Default file of a bank: ``<bank_dir>/<dataset>/<bank_name>.safetensors``."""
+    """The dataset's own file of a bank: ``<bank_dir>/<dataset name slug>-<dataset id>/<bank name>.safetensors``.
+
+    The dataset's id (unique, kept through a rename, new for a clone) keeps the files of
+    datasets whose names give the same slug apart; the slug is for humans browsing the folder.
+    """
+    folder = f"{_slug(dataset.name)}-{fiftyone_access.dataset_id(dataset)}"
+    return bank_dir(dataset) / folder / _bank_file_name(bank_name)
+
+
+def _legacy_bank_path(dataset: fo.Dataset, bank_name: str) -> Path:
+    """Where banks were filed before files were keyed by the dataset id: ``<bank_dir>/<dataset slug>/<bank slug>``."""
     return bank_dir(dataset) / _slug(dataset.name) / f"{_slug(bank_name)}.safetensors"
 
 
@@ -229,16 +249,42 @@ def bank_record(dataset: fo.Dataset, bank_name: str) -> dict:
 
 
 def _bank_file(dataset: fo.Dataset, record: dict, bank_name: str) -> Path:
-    path = Path(record.get("path") or bank_path(dataset, bank_name))
+    """The file a bank record names: its recorded path as is, else (the bank folder moved: another machine,
+    another ``REFSEG_BANK_DIR``) the same folder and file under the current :func:`bank_dir`."""
+    if not record.get("path"):
+        return bank_path(dataset, bank_name)
+    path = Path(record["path"])
     if not path.exists():
-        fallback = bank_path(dataset, bank_name)  # e.g. the dataset moved to another machine with its banks
-        if fallback.exists():
-            return fallback
+        moved = bank_dir(dataset) / path.parent.name / path.name
+        if moved.exists():
+            return moved
     return path
 
 
+def _owned(dataset: fo.Dataset, record: dict) -> bool:
+    """Whether the record's file was written for this dataset (not inherited by a clone or a copy)."""
+    return record.get("owner_id") == fiftyone_access.dataset_id(dataset)
+
+
+def _file_key(path: Path) -> tuple[str, str]:
+    """A bank file's folder and name: the same under any bank directory (compared to find a file's users)."""
+    return path.parent.name, path.name
+
+
+def _other_users(dataset: fo.Dataset, bank_name: str, path: Path) -> list[str]:
+    """The bank records of every dataset, this one's other banks included, that name the file ``path``."""
+    own_id, key = fiftyone_access.dataset_id(dataset), _file_key(path)
+    users = []
+    for ds_id, ds_name, banks in fiftyone_access.info_entries(BANKS_KEY):
+        records = banks.items() if isinstance(banks, dict) else ()
+        users += [f"{ds_name}/{name}" for name, record in records
+                  if (ds_id, name) != (own_id, bank_name) and isinstance(record, dict) and record.get("path")
+                  and _file_key(Path(record["path"])) == key]
+    return users
+
+
 def load_bank(dataset: fo.Dataset, bank_name: str) -> tuple[MemoryBank, dict]:
-    """The bank and its record."""
+    """The bank and its record; refused when the file is not the one recorded (its sha256 differs)."""
     record = bank_record(dataset, bank_name)
     path = _bank_file(dataset, record, bank_name)
     if not path.exists():
@@ -246,6 +292,12 @@ def load_bank(dataset: fo.Dataset, bank_name: str) -> tuple[MemoryBank, dict]:
                                 f"{path}; build the bank again with build_memory_bank")
     recorded = record.get("digest")
     if recorded and sha256_file(path) != recorded:
+        if record.get("owner_id") and not _owned(dataset, record):
+            raise ValueError(f"memory bank {bank_name!r} of dataset {dataset.name!r} is the file of dataset "
+                             f"{record.get('owner', record['owner_id'])!r} ({path}; this dataset is a clone or copy "
+                             "of it), which has rebuilt or updated it since: it is no longer this dataset's bank. "
+                             "Build the bank again on this dataset with build_memory_bank: it then gets a file of "
+                             "its own")
         raise ValueError(f"the file of memory bank {bank_name!r} ({path}) is not the one recorded for dataset "
                          f"{dataset.name!r}: it was changed or replaced since the bank was built or updated (sha256 "
                          f"{recorded[:12]}... recorded). Labelling with it could mix another bank's classes into "
@@ -253,15 +305,37 @@ def load_bank(dataset: fo.Dataset, bank_name: str) -> tuple[MemoryBank, dict]:
     return MemoryBank.load(path), record
 
 
+def _set_bank_record(dataset: fo.Dataset, bank_name: str, record: dict | None) -> None:
+    """Store (``None``: remove) a bank's record in ``dataset.info``."""
+    dataset.reload()
+    info = dict(dataset.info or {})
+    banks = dict(info.get(BANKS_KEY, {}) or {})
+    if record is None:
+        banks.pop(bank_name, None)
+    else:
+        banks[bank_name] = record
+    info[BANKS_KEY] = banks
+    dataset.info = info
+    dataset.save()
+
+
 def _save_bank(dataset: fo.Dataset, bank_name: str, bank: MemoryBank, settings: RunSpec,
-               path: Path | None = None, extra: dict | None = None, updating: bool = False) -> dict:
-    """Write the bank file and its record in ``dataset.info`` (``updating``: keep the creation time)."""
-    path = bank.save(path or bank_path(dataset, bank_name))
-    positives, negatives = bank.counts(), bank.counts(negative=True)
+               extra: dict | None = None, updating: bool = False) -> dict:
+    """Write the bank file and its record in ``dataset.info`` (``updating``: keep the creation time).
+
+    The file is rewritten in place only if this dataset owns it; a bank whose record came with
+    a clone or a copy of another dataset (or was filed before files had owners) is written to
+    this dataset's own :func:`bank_path` instead, leaving the other dataset's file as it was.
+    """
     old = list_banks(dataset).get(bank_name, {})
+    path = _bank_file(dataset, old, bank_name) if old and _owned(dataset, old) else bank_path(dataset, bank_name)
+    path = bank.save(path)
+    positives, negatives = bank.counts(), bank.counts(negative=True)
     record = {
         "path": str(path),
         "digest": sha256_file(path),
+        "owner_id": fiftyone_access.dataset_id(dataset),  # the dataset this file belongs to
+        "owner": dataset.name,
         "models": settings.to_dict(),
         "proposer": settings.proposer,
         "encoder": settings.encoder,
@@ -272,27 +346,23 @@ def _save_bank(dataset: fo.Dataset, bank_name: str, bank: MemoryBank, settings: 
         "updated_at": _now(),
     }
     record.update(extra or {})
-    dataset.reload()
-    info = dict(dataset.info or {})
-    banks = dict(info.get(BANKS_KEY, {}) or {})
-    banks[bank_name] = record
-    info[BANKS_KEY] = banks
-    dataset.info = info
-    dataset.save()
+    _set_bank_record(dataset, bank_name, record)
     return record
 
 
-def delete_bank(dataset: fo.Dataset, bank_name: str, delete_file: bool = True) -> None:
-    """Remove a bank's record (and its file)."""
+def delete_bank(dataset: fo.Dataset, bank_name: str, delete_file: bool = True) -> Path | None:
+    """Remove a bank's record, and (``delete_file``) its file: only a file this dataset owns and no other
+    bank record of any dataset names (a clone's, a copy's). Returns the file deleted, if one was."""
     record = bank_record(dataset, bank_name)
-    if delete_file:
-        Path(record["path"]).unlink(missing_ok=True)
-    info = dict(dataset.info or {})
-    banks = dict(info.get(BANKS_KEY, {}))
-    banks.pop(bank_name, None)
-    info[BANKS_KEY] = banks
-    dataset.info = info
-    dataset.save()
+    deleted = None
+    if delete_file and record.get("path"):
+        path = _bank_file(dataset, record, bank_name)
+        legacy = not record.get("owner_id") and _file_key(path) == _file_key(_legacy_bank_path(dataset, bank_name))
+        if (_owned(dataset, record) or legacy) and not _other_users(dataset, bank_name, path):
+            path.unlink(missing_ok=True)
+            deleted = path
+    _set_bank_record(dataset, bank_name, None)
+    return deleted
 
 
 def _capped(entries: list) -> list:
@@ -469,8 +539,7 @@ def update_memory_bank_from_review(samples, *, bank_name: str = DEFAULT_BANK,
     added = sum(sum(c.values()) for c in counts.values())
     if added:
         extra = {k: record[k] for k in ("label_field", "reference_tag") if k in record}
-        record = _save_bank(dataset, bank_name, bank, models, path=_bank_file(dataset, record, bank_name),
-                            extra=extra, updating=True)
+        record = _save_bank(dataset, bank_name, bank, models, extra=extra, updating=True)  # a clone: own file
     return {
         "bank": bank_name,
         "negatives_added": [{"class": c, "count": n} for c, n in counts["negative"].items()],
