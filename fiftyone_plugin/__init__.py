@@ -729,7 +729,55 @@ class UpdateMemoryBankFromReview(_RefsegOperator):
         return report
 
 
-OPERATORS = (BuildMemoryBank, AutoLabel, BoxesToMasks, EvaluateAutoLabels, ExportCoco, UpdateMemoryBankFromReview)
+class CalibrateThresholds(_RefsegOperator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="calibrate_thresholds",
+            label="refseg: calibrate class thresholds",
+            description="Per-class score thresholds that reach a target precision, estimated on the bank's references",
+            dynamic=True,
+            allow_delegated_execution=True,
+        )
+
+    def __call__(self, sample_collection, bank_name=core.DEFAULT_BANK, label_field=None, target_precision=0.9,
+                 device=None, delegate=False):
+        """Estimate and store the class thresholds of bank ``bank_name``; returns the report."""
+        return _call(self, sample_collection, dict(bank_name=bank_name, label_field=label_field,
+                                                   target_precision=target_precision, device=device), delegate)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        view = types.View(label="refseg: calibrate class thresholds")
+        bank = _bank_input(ctx, inputs)
+        if bank is None:
+            return types.Property(inputs, view=view)
+        record = core.bank_record(ctx.dataset, bank)
+        _field_input(ctx, inputs, "label_field", "Annotations", "The reference samples' ground truth",
+                     default=record.get("label_field"), required=False)
+        inputs.float("target_precision", default=0.9, min=0.01, max=1.0, label="Target precision",
+                     description="Each class gets the lowest score threshold whose detections reach this precision")
+        inputs.view("calibrate_notice", types.Notice(label=(
+            "Each reference sample is labelled with the bank minus its own references; every instance of the bank's "
+            "classes on the reference samples must be annotated, or the estimates come out too low.")))
+        _device_input(ctx, inputs)
+        _delegate_input(ctx, inputs, False)
+        return types.Property(inputs, view=view)
+
+    def execute(self, ctx):
+        p = ctx.params
+        report = core.calibrate_thresholds(
+            ctx.dataset, bank_name=p.get("bank_name") or core.DEFAULT_BANK, label_field=p.get("label_field"),
+            target_precision=float(p.get("target_precision") or 0.9), device=p.get("device"))
+        report["summary"] = (f"Thresholds stored with the bank (target precision {report['target_precision']}, "
+                             f"{report['images']} reference image(s)):\n\n" + "\n".join(
+                                 f"- {line}" for line in report["lines"])
+                             + "\n\nApply them with auto-label's *class thresholds* option.")
+        return report
+
+
+OPERATORS = (BuildMemoryBank, AutoLabel, BoxesToMasks, EvaluateAutoLabels, ExportCoco, UpdateMemoryBankFromReview,
+             CalibrateThresholds)
 
 
 def register(p):

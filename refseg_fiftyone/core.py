@@ -33,6 +33,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterable
 
+import numpy as np
+
 import fiftyone as fo
 import fiftyone.core.utils as fou
 from fiftyone import ViewField as F
@@ -48,6 +50,7 @@ from refseg.models.registry import DEFAULT_ENCODER, DEFAULT_PROPOSER  # noqa: F4
 from refseg.runtime.run_spec import RunSpec, format_overrides, parse_overrides  # noqa: F401 (plugin API)
 from refseg.method.references import BankBuilder, BankReport, box_problem, masks_from_boxes
 from refseg.runtime.labelling import LabelStats, batched, label_stream
+from refseg.method.thresholds import HeldOutImage, estimate_thresholds, store_thresholds
 
 from . import fiftyone_access
 from .convert import (box_to_pixels, detection_box_pixels, detection_mask, mask_to_crop, pixel_xywh,
@@ -490,6 +493,70 @@ def build_memory_bank(samples, *, label_field: str, bank_name: str = DEFAULT_BAN
     }
 
 
+def _truth_of(sample, image_shape, label_field: str, classes: set) -> tuple[np.ndarray, list[str]]:
+    """The annotated instances of ``classes`` on a reference sample: full masks (a box-only one as its box)."""
+    h, w = image_shape
+    masks, names = [], []
+    labels = sample[label_field]
+    for det in (labels.detections if labels is not None else []):
+        if det.label not in classes or det.bounding_box is None:
+            continue
+        mask = detection_mask(det, h, w)
+        if mask is None:
+            x1, y1, x2, y2 = box_to_pixels(det.bounding_box, h, w)
+            mask = np.zeros((h, w), dtype=bool)
+            mask[y1:y2, x1:x2] = True
+        masks.append(mask)
+        names.append(det.label)
+    return np.array(masks, dtype=bool).reshape(len(masks), h, w), names
+
+
+def calibrate_thresholds(samples, *, bank_name: str = DEFAULT_BANK, label_field: str | None = None,
+                         target_precision: float = 0.9, device: str | None = None) -> dict:
+    """Per-class score thresholds reaching ``target_precision``, estimated on the bank's reference samples
+    (:mod:`refseg.method.thresholds`): each is labelled with the bank minus its own references and its
+    ``label_field`` instances are the ground truth, so every instance of the bank's classes on the reference
+    samples must be annotated. The thresholds are stored with the bank; ``auto_label(class_thresholds=True)``
+    applies them. Returns the report (per class: threshold, precision, recall, instances)."""
+    dataset = fiftyone_access.root_dataset(samples)
+    bank, record = load_bank(dataset, bank_name)
+    models = RunSpec.from_dict(record["models"])
+    models = models.with_changes(overrides=(*models.overrides, ("merge.class_thresholds", False)))
+    device = resolve_device(device, dataset)
+    segmenter = models.build_segmenter(bank, proposer=load_proposer(models, device),
+                                       encoder=load_encoder(models, device))
+    by_sample: dict[str, list[str]] = {}
+    for entry in bank.entries:
+        if not entry.negative and entry.source.get("sample_id"):
+            by_sample.setdefault(str(entry.source["sample_id"]), []).append(entry.id)
+    if not by_sample:
+        raise ValueError(f"bank {bank_name!r} names no reference sample of this dataset: nothing to estimate from")
+    field = label_field or record.get("label_field")
+    if not field:
+        raise ValueError("give the label field that holds the reference samples' annotations")
+    check_detections_field(dataset, field, "ground-truth")
+    classes = set(bank.class_names)
+    held_out, unreadable = [], []
+    for sample in dataset.select(list(by_sample), ordered=True).select_fields(field).iter_samples():
+        try:
+            shape = image_size(sample.filepath)  # after EXIF rotation, like the masks' frame
+        except ImageLoadError as exc:
+            unreadable.append((sample.filepath, str(exc)))
+            continue
+        masks, names = _truth_of(sample, shape, field, classes)
+        held_out.append(HeldOutImage(sample.filepath, by_sample[sample.id], masks, names, name=sample.filepath))
+    report = estimate_thresholds(segmenter, held_out, target_precision)
+    report.failed[:0] = unreadable
+    store_thresholds(bank, report)
+    summary = {"target_precision": float(target_precision), "label_field": field, "images": report.images,
+               "classes": [t.to_dict() for t in report.classes.values()],
+               "failed": [{"filepath": f, "error": e} for f, e in report.failed], "lines": report.lines()}
+    extra = {k: record[k] for k in ("label_field", "reference_tag") if k in record}
+    _save_bank(dataset, bank_name, bank, RunSpec.from_dict(record["models"]), extra={**extra, "thresholds": summary},
+               updating=True)
+    return summary
+
+
 def update_memory_bank_from_review(samples, *, bank_name: str = DEFAULT_BANK,
                                    pred_field: str = DEFAULT_OUTPUT_FIELD, rejected_tag: str = DEFAULT_REJECTED_TAG,
                                    accepted_tag: str = DEFAULT_ACCEPTED_TAG, device: str | None = None,
@@ -645,8 +712,8 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
                     reference_tag: str | None = DEFAULT_REFERENCE_TAG, batch_size: int = 1,
                     device: str | None = None, score_threshold: float | None = None, preset: str | None = None,
                     overrides: str | dict | None = None, existing: str = "resume", cache_candidates: bool = False,
-                    num_shards: int = 1, shard_index: int = 0, devices: str | Iterable[str] | None = None
-                    ) -> Generator[Progress, None, dict]:
+                    num_shards: int = 1, shard_index: int = 0, devices: str | Iterable[str] | None = None,
+                    class_thresholds: bool = False) -> Generator[Progress, None, dict]:
     """Label the samples (except those tagged ``reference_tag``) with a bank; yields progress, returns a report.
 
     ``existing`` decides what happens to samples whose ``label_field`` is already set:
@@ -684,6 +751,8 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
     extra_overrides = parse_overrides(overrides)
     if score_threshold is not None:
         extra_overrides += (("merge.score_threshold", float(score_threshold)),)
+    if class_thresholds:  # the bank's per-class thresholds (calibrate_thresholds); refused if none or stale
+        extra_overrides += (("merge.class_thresholds", True),)
     if preset or extra_overrides:
         models = models.with_changes(preset=preset, overrides=models.overrides + extra_overrides)
     _ensure_output_field(dataset, label_field)
