@@ -31,7 +31,7 @@ def bank_digest(bank) -> str:
 def component_identity(component) -> dict:
     """A model wrapper's identity: its class and its ``settings()`` (which carry its weights' content)."""
     cls = type(component)
-    return _jsonable({"class": f"{cls.__module__}.{cls.__qualname__}", **component.settings()})
+    return jsonable({"class": f"{cls.__module__}.{cls.__qualname__}", **component.settings()})
 
 
 def run_identity(config, proposer: dict, encoder: dict, bank) -> dict:
@@ -46,7 +46,7 @@ def run_identity(config, proposer: dict, encoder: dict, bank) -> dict:
     }
     if config.merge.class_thresholds:
         identity["thresholds"] = bank.thresholds
-    return _jsonable(identity)
+    return jsonable(identity)
 
 
 def identity_key(identity: dict) -> str:
@@ -61,6 +61,7 @@ def describe_difference(recorded: dict, current: dict) -> str:
     return ", ".join(changed) or "nothing"
 
 
-def _jsonable(obj: Any) -> Any:
-    """Round-trip through JSON so that comparisons with a loaded record are like for like."""
-    return json.loads(json.dumps(obj, default=str))
+def jsonable(obj: Any) -> Any:
+    """Round-trip through JSON (keys sorted) so that comparisons with a loaded record or manifest are like for
+    like (tuples become lists, other objects their text)."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))

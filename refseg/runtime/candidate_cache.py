@@ -80,7 +80,7 @@ import torch
 
 from refseg.errors import RefsegError
 from refseg.io.files import mkstemp as _mkstemp
-from refseg.method.identity import identity_key
+from refseg.method.identity import identity_key, jsonable
 from refseg.method.pipeline import STAGE1_VERSION, Candidates
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -111,17 +111,12 @@ class CacheMismatchError(CacheError, ValueError):
 def stage1_settings(segmenter) -> dict:
     """Everything that determines a segmenter's :class:`Candidates` for a given image
     (its :meth:`~refseg.method.pipeline.Segmenter.stage1_settings`; a DevicePool has the same method)."""
-    return _jsonable(segmenter.stage1_settings())
+    return jsonable(segmenter.stage1_settings())
 
 
 def settings_hash(settings: dict) -> str:
     """Short stable hash of a settings dict (e.g. to name one cache directory per settings)."""
     return identity_key(settings)
-
-
-def _jsonable(obj: Any) -> Any:
-    """Round-trip through JSON so that comparisons with a loaded manifest are like for like."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
 def _diff(a: Any, b: Any, path: str = "") -> list[str]:
@@ -295,7 +290,7 @@ class CandidateCache:
         """
         if settings is self._bound_source:  # the same segmenter settings as last time: nothing to compare
             return
-        source, settings = settings, _jsonable(settings)
+        source, settings = settings, jsonable(settings)
         if self.settings is not None:
             if settings != self.settings:
                 raise self._mismatch(self.settings, settings)
@@ -330,7 +325,7 @@ class CandidateCache:
         under ``base``: one sub-folder per :func:`settings_hash`, so other models or proposal settings get their
         own entries. ``codecs``: as for the constructor."""
         source = segmenter.stage1_settings()
-        settings = _jsonable(source)
+        settings = jsonable(source)
         cache = cls(Path(base) / settings_hash(settings), settings, **codecs)
         cache._bound_source = source
         return cache
