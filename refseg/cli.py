@@ -553,6 +553,14 @@ def _add_model_options(p: argparse.ArgumentParser, proposer_help: str) -> None:
                         "meaningless")
 
 
+def _add_bank_options(p: argparse.ArgumentParser, images_help: str) -> None:
+    """--bank, --images and --encoder of the commands that label with a bank."""
+    p.add_argument("--bank", required=True, help="memory bank from 'refseg build-bank'")
+    p.add_argument("--images", required=True, help=images_help)
+    p.add_argument("--encoder", default=None,
+                   help="encoder name or import path (default: the registered model the bank was built with)")
+
+
 def _add_settings_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("settings")
     g.add_argument("--preset", default="default",
@@ -619,12 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the bank's classes and write COCO results. Progress is kept in "
                                    "<out>.partial.jsonl: rerunning the same command skips finished images and "
                                    "retries failed ones. Also writes <out>.categories.json and <out>.images.json.")
-    p.add_argument("--bank", required=True, help="memory bank from 'refseg build-bank'")
-    p.add_argument("--images", required=True, help="folder of the target images")
+    _add_bank_options(p, "folder of the target images")
     p.add_argument("--coco", help="COCO file listing the target images (category ids are matched by name)")
     p.add_argument("--out", required=True, help="output COCO results file (.json)")
-    p.add_argument("--encoder", default=None,
-                   help="DINOv2 name or import path (default: the registered model the bank was built with)")
     p.add_argument("--batch-size", type=int, default=1, help="images per network call (default 1)")
     p.add_argument("--devices", metavar="LIST", default=None,
                    help="label on several local devices at once, one worker process each: 'all' (every GPU) or a "
@@ -652,15 +657,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "The thresholds are stored with the bank; 'refseg predict --class-thresholds' "
                                    "applies them. The reference images' instances of the bank's classes must all be "
                                    "annotated in --ground-truth.")
-    p.add_argument("--bank", required=True, help="memory bank from 'refseg build-bank'")
-    p.add_argument("--images", required=True, help="folder of the reference images")
+    _add_bank_options(p, "folder of the reference images")
     p.add_argument("--ground-truth", required=True,
                    help="COCO file with every instance of the reference images (e.g. the training annotations the "
                         "references were sampled from)")
     p.add_argument("--target-precision", type=float, default=0.9, help="precision each class must reach (0.9)")
     p.add_argument("--out", help="write the bank with its thresholds here (default: replace --bank)")
-    p.add_argument("--encoder", default=None,
-                   help="DINOv2 name or import path (default: the registered model the bank was built with)")
     _add_model_options(p, "Mask proposals.")
     _add_settings_options(p)
     p.set_defaults(func=cmd_calibrate)

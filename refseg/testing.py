@@ -242,3 +242,28 @@ def make_synthetic_coco(out_dir: str | Path, n_images: int = 8, height: int = 19
     json_path = out_dir / "annotations.json"
     json_path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return image_dir, json_path
+
+
+def coco_references(coco, image_dir: str | Path, image_ids, with_source: bool = False) -> list:
+    """:class:`~refseg.Reference` of every annotation of ``image_ids`` in a pycocotools ``COCO`` of
+    :func:`make_synthetic_coco` (RLE masks); ``with_source`` records each one's image file name, as
+    ``refseg build-bank`` does (what leave-one-out over reference images needs)."""
+    from refseg.io.images import load_image
+    from refseg.method.references import Reference
+    from refseg.method.results import decode_rle
+
+    refs = []
+    for ann in coco.loadAnns(coco.getAnnIds(imgIds=list(image_ids))):
+        name = coco.imgs[ann["image_id"]]["file_name"]
+        refs.append(Reference(load_image(Path(image_dir) / name), coco.cats[ann["category_id"]]["name"],
+                              mask=decode_rle(ann["segmentation"]), **({"source": {"image": name}} if with_source
+                                                                       else {})))
+    return refs
+
+
+def coco_bank(coco, image_dir: str | Path, image_ids, encoder, proposer, config):
+    """The memory bank of :func:`coco_references` with ``config``'s reference and proposal settings."""
+    from refseg.method.references import ReferenceEncoder
+
+    refs = coco_references(coco, image_dir, image_ids)
+    return ReferenceEncoder(encoder, config.reference, proposer, config.proposal.image_size).build_bank(refs)[0]

@@ -22,7 +22,7 @@ from refseg.method.merging import class_aware_nms, intersections_by_class, mask_
 from refseg.method.pipeline import Candidates
 from refseg.method.references import crop_window
 from refseg.method.results import coco_bboxes, decode_rle, encode_rle, encode_rles, masks_to_boxes
-from refseg.testing import ColorEncoder, ColorRegionProposer, PALETTE, make_synthetic_coco
+from refseg.testing import coco_bank, ColorEncoder, ColorRegionProposer, PALETTE, make_synthetic_coco
 
 TOY = PAPER.with_overrides(**{"proposal.image_size": 512})
 
@@ -276,19 +276,10 @@ def synthetic(tmp_path_factory):
     return image_dir, COCO(str(json_path))
 
 
-def _bank_from(coco, image_dir, image_ids, encoder, proposer, cfg=TOY):
-    from refseg import load_image
-    refs = []
-    for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_ids)):
-        im = load_image(image_dir / coco.imgs[ann["image_id"]]["file_name"])
-        refs.append(Reference(im, coco.cats[ann["category_id"]]["name"], mask=decode_rle(ann["segmentation"])))
-    return ReferenceEncoder(encoder, cfg.reference, proposer, cfg.proposal.image_size).build_bank(refs)[0]
-
-
 def test_pipeline_recovers_planted_instances(synthetic):
     image_dir, coco = synthetic
     enc, prop = ColorEncoder(), ColorRegionProposer()
-    bank = _bank_from(coco, image_dir, [1, 2, 3], enc, prop)
+    bank = coco_bank(coco, image_dir, [1, 2, 3], enc, prop, TOY)
     seg = Segmenter(prop, enc, bank, TOY)
     cat_ids = {c["name"]: c["id"] for c in coco.cats.values()}
     targets = [i for i in coco.imgs if i > 3]
@@ -313,7 +304,7 @@ def test_pipeline_recovers_planted_instances(synthetic):
 def test_soft_merge_on_synthetic_duplicates_and_top_k(synthetic):
     image_dir, coco = synthetic
     enc, prop = ColorEncoder(), ColorRegionProposer()
-    bank = _bank_from(coco, image_dir, [1, 2, 3], enc, prop)
+    bank = coco_bank(coco, image_dir, [1, 2, 3], enc, prop, TOY)
     img = image_dir / coco.imgs[5]["file_name"]
     no_nms = TOY.with_overrides(**{"merge.nms_iou": 1.0})
     dets = Segmenter(prop, enc, bank, no_nms).predict(img)
@@ -338,7 +329,7 @@ def test_image_without_proposals_gives_empty_result():
 def test_fast_merge_resolution_agrees_with_paper_on_synthetic(synthetic):
     image_dir, coco = synthetic
     enc, prop = ColorEncoder(), ColorRegionProposer()
-    bank = _bank_from(coco, image_dir, [1, 2, 3], enc, prop)
+    bank = coco_bank(coco, image_dir, [1, 2, 3], enc, prop, TOY)
     img = image_dir / coco.imgs[6]["file_name"]
     paper = Segmenter(prop, enc, bank, TOY).predict(img)
     coarse = Segmenter(prop, enc, bank, TOY.with_overrides(**{"merge.merge_resolution": 128})).predict(img)

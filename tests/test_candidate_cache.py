@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from pycocotools.coco import COCO
 
 import refseg.io.images
-from refseg import PAPER, MemoryBank, Reference, ReferenceEncoder, Segmenter, decode_rle, load_image
+from refseg import PAPER, MemoryBank, Segmenter, load_image
 from refseg.runtime.candidate_cache import (CacheError, CacheMismatchError, CandidateCache, decode_logits, encode_logits,
                                     image_key, stage1_settings)
-from refseg.testing import ColorEncoder, ColorRegionProposer, make_synthetic_coco
+from refseg.testing import coco_bank, ColorEncoder, ColorRegionProposer, make_synthetic_coco
 
 TOY = PAPER.with_overrides(**{"proposal.image_size": 512})
 
@@ -60,14 +60,6 @@ def assert_identical(got, want):
         assert np.array_equal(a.masks, b.masks) and np.array_equal(a.scores, b.scores)
 
 
-def bank_from(coco, image_dir, image_ids, encoder, proposer, cfg=TOY):
-    refs = []
-    for ann in coco.loadAnns(coco.getAnnIds(imgIds=image_ids)):
-        im = load_image(image_dir / coco.imgs[ann["image_id"]]["file_name"])
-        refs.append(Reference(im, coco.cats[ann["category_id"]]["name"], mask=decode_rle(ann["segmentation"])))
-    return ReferenceEncoder(encoder, cfg.reference, proposer, cfg.proposal.image_size).build_bank(refs)[0]
-
-
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     image_dir, json_path = make_synthetic_coco(tmp_path_factory.mktemp("syn"), n_images=8, seed=1)
@@ -80,7 +72,7 @@ def synthetic(tmp_path_factory):
 def toy(synthetic):
     image_dir, coco, paths = synthetic
     enc, prop = ColorEncoder(), ColorRegionProposer()
-    bank = bank_from(coco, image_dir, [1, 2, 3], enc, prop)
+    bank = coco_bank(coco, image_dir, [1, 2, 3], enc, prop, TOY)
     return Segmenter(prop, enc, bank, TOY), paths
 
 
@@ -143,7 +135,7 @@ def test_changing_the_bank_or_merge_settings_relabels_from_cache(toy, synthetic,
     image_dir, coco, _ = synthetic
     cache = CandidateCache(tmp_path / "cache")
     seg.predict_batch(paths, cache=cache)
-    new_bank = bank_from(coco, image_dir, [2], seg.encoder, seg.proposer)
+    new_bank = coco_bank(coco, image_dir, [2], seg.encoder, seg.proposer, TOY)
     new_bank.remove_class("green")
     counter = CallCounter(seg)
     seg.set_bank(new_bank)

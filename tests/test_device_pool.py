@@ -10,7 +10,7 @@ from refseg.runtime.candidate_cache import CandidateCache
 from refseg.runtime.device_pool import DevicePool, WorkerError, local_devices
 from refseg.runtime.predict_job import run_prediction
 from refseg.runtime.run_spec import RunSpec
-from refseg.testing import ColorEncoder, ColorRegionProposer, make_synthetic_coco
+from refseg.testing import ColorEncoder, ColorRegionProposer, coco_bank, make_synthetic_coco
 
 SPEC = RunSpec(proposer="refseg.testing:ColorRegionProposer", encoder="refseg.testing:ColorEncoder", preset="paper",
                overrides="proposal.image_size=512", encoder_input_size=224)
@@ -20,15 +20,12 @@ assert CFG == PAPER.with_overrides(**{"proposal.image_size": 512})
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from refseg import Reference, ReferenceEncoder, decode_rle
     from pycocotools.coco import COCO
 
     root = tmp_path_factory.mktemp("pool")
     image_dir, json_path = make_synthetic_coco(root, n_images=9, seed=4)
     coco = COCO(str(json_path))
-    refs = [Reference(load_image(image_dir / coco.imgs[a["image_id"]]["file_name"]), coco.cats[a["category_id"]]["name"],
-                      mask=decode_rle(a["segmentation"])) for a in coco.loadAnns(coco.getAnnIds(imgIds=[1, 2]))]
-    bank, _ = ReferenceEncoder(ColorEncoder(), CFG.reference, ColorRegionProposer(), 512).build_bank(refs)
+    bank = coco_bank(coco, image_dir, [1, 2], ColorEncoder(), ColorRegionProposer(), CFG)
     bank_path = bank.save(root / "bank.safetensors")
     targets = [(i, image_dir / coco.imgs[i]["file_name"]) for i in range(3, 10)]
     return bank_path, bank, targets

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from refseg import PAPER, PRESETS, Reference, ReferenceEncoder, Segmenter, decode_rle, load_image
+from refseg import PAPER, PRESETS, Segmenter
 from refseg.method.merging import overlap_edges, soft_merge_scores
 from refseg.method.rescoring import diffusion_penalty, diffusion_rescore, forward_substitution
 from refseg.runtime.run_spec import RunSpec
-from refseg.testing import ColorEncoder, ColorRegionProposer, make_synthetic_coco
+from refseg.testing import ColorEncoder, ColorRegionProposer, coco_bank, make_synthetic_coco
 
 # float32 arithmetic on values <= 1: a few units of float32 rounding (2**-23 ~ 1.2e-7) per step
 TOL = 1e-6
@@ -134,11 +134,9 @@ def test_end_to_end_diffusion_ranks_whole_objects_above_their_parts(tmp_path):
 
     image_dir, json_path = make_synthetic_coco(tmp_path, n_images=5, seed=9)
     coco = COCO(str(json_path))
-    refs = [Reference(load_image(image_dir / coco.imgs[a["image_id"]]["file_name"]), coco.cats[a["category_id"]]["name"],
-                      mask=decode_rle(a["segmentation"])) for a in coco.loadAnns(coco.getAnnIds(imgIds=[1]))]
     spec = RunSpec(preset="diffusion", overrides="proposal.image_size=512, rescore.ranking=area")
     assert PRESETS["diffusion"].rescore.diffusion and not PAPER.rescore.diffusion
-    bank, _ = ReferenceEncoder(ColorEncoder(), spec.config().reference, ColorRegionProposer(), 512).build_bank(refs)
+    bank = coco_bank(coco, image_dir, [1], ColorEncoder(), ColorRegionProposer(), spec.config())
     base = PAPER.with_overrides(**{"proposal.image_size": 512})
     paper = Segmenter(FragmentingProposer(), ColorEncoder(), bank, base)
     raw = Segmenter(FragmentingProposer(), ColorEncoder(), bank, base.with_overrides(**{"merge.soft_merge": False}))

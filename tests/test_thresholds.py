@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from refseg import PAPER, MemoryBank, Reference, ReferenceEncoder, Segmenter, decode_rle, load_image
+from refseg import PAPER, MemoryBank, ReferenceEncoder, Segmenter, decode_rle
 from refseg.cli import main
 from refseg.method.thresholds import (NO_DATA, REACHED, UNREACHABLE, HeldOutImage, ThresholdError, ThresholdReport,
                                       apply_thresholds,
                                       choose_threshold, estimate_thresholds, match_detections, store_thresholds,
                                       stored_thresholds)
-from refseg.testing import ColorEncoder, ColorRegionProposer, make_synthetic_coco
+from refseg.testing import ColorEncoder, ColorRegionProposer, coco_references, make_synthetic_coco
 
 CFG = PAPER.with_overrides(**{"proposal.image_size": 512})
 TOY = ["--proposer", "refseg.testing:ColorRegionProposer", "--encoder", "refseg.testing:ColorEncoder"]
@@ -68,9 +68,7 @@ def _held_out(coco, image_dir, bank, image_id):
 
 def test_leave_one_out_estimate_is_close_to_the_precision_on_held_out_images(tmp_path):
     image_dir, _, coco = _scenes(tmp_path)
-    refs = [Reference(load_image(image_dir / coco.imgs[i]["file_name"]), coco.cats[a["category_id"]]["name"],
-                      mask=decode_rle(a["segmentation"]), source={"image": coco.imgs[i]["file_name"]})
-            for i in range(1, 9) for a in coco.loadAnns(coco.getAnnIds(imgIds=[i]))]
+    refs = coco_references(coco, image_dir, range(1, 9), with_source=True)
     bank, _ = ReferenceEncoder(ColorEncoder(), CFG.reference, ColorRegionProposer(), 512).build_bank(refs)
     seg = Segmenter(ColorRegionProposer(), ColorEncoder(), bank, CFG)
     report = estimate_thresholds(seg, [_held_out(coco, image_dir, bank, i) for i in range(1, 9)], 0.9)
