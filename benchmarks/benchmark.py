@@ -130,7 +130,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="paper", help="settings preset (paper, fast)")
     p.add_argument("--proposer", default=DEFAULT_PROPOSER, help="proposal model name or import path")
-    p.add_argument("--encoder", default=DEFAULT_ENCODER, help="feature encoder name or import path")
+    p.add_argument("--encoder", default=None,
+                   help=f"feature encoder: a registered name (DINOv2, DINOv3, C-RADIO; see 'refseg models') or an "
+                        f"import path (default {DEFAULT_ENCODER}; dinov2_vits14 with --small)")
     p.add_argument("--device", default=None, help="cuda, cpu, mps (default: best available)")
     p.add_argument("--images", type=int, default=20, help="images timed (after warm-up)")
     p.add_argument("--warmup", type=int, default=2, help="images run before timing")
@@ -140,17 +142,18 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="setting override, repeatable")
     p.add_argument("--keep-all-proposals", action="store_true", help="pred_iou_threshold=-1: worst case")
     p.add_argument("--small", action="store_true",
-                   help="CPU-sized run: SAM2.1-tiny at 512 px, 8x8 grid, DINOv2-S at 224, 4 images")
+                   help="CPU-sized run: SAM2.1-tiny at 512 px, 8x8 grid, DINOv2-S (or --encoder) at 224, 4 images")
     p.add_argument("--json", default=None, help="write the figures here as JSON")
     args = p.parse_args(argv)
 
     overrides = list(args.set)
     encoder_size = None  # the encoder's own: 518 for DINOv2, the paper's
     if args.small:
-        args.proposer, args.encoder = "sam2.1_hiera_t", "dinov2_vits14"
+        args.proposer, args.encoder = "sam2.1_hiera_t", args.encoder or "dinov2_vits14"
         args.images, args.warmup, args.height, args.width = min(args.images, 4), 1, 240, 320
         overrides = ["proposal.image_size=512", "proposal.points_per_side=8", *overrides]
-        encoder_size = 224
+        encoder_size = 224  # a multiple of both 14 (DINOv2) and 16 (DINOv3, C-RADIO)
+    args.encoder = args.encoder or DEFAULT_ENCODER
     if args.keep_all_proposals:
         overrides.append("proposal.pred_iou_threshold=-1")
     spec = RunSpec(proposer=args.proposer, encoder=args.encoder, preset=args.preset, overrides=overrides,

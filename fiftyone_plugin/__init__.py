@@ -22,7 +22,7 @@ import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
 from refseg.method.config import PRESETS
-from refseg.models.dinov2_encoder import DINOV2_VARIANTS
+from refseg.models.registry import encoder_names
 from refseg.models.sam2_proposer import SAM2_VARIANTS
 from refseg_fiftyone import core, fiftyone_access
 
@@ -30,7 +30,7 @@ DELEGATE_ABOVE = 8  # runs over more samples than this are delegated unless the 
 
 # the model registries' names (the default first); any import path package.module:Class works too
 PROPOSER_CHOICES = tuple(dict.fromkeys([core.DEFAULT_PROPOSER, *SAM2_VARIANTS]))
-ENCODER_CHOICES = tuple(dict.fromkeys([core.DEFAULT_ENCODER, *DINOV2_VARIANTS]))
+ENCODER_CHOICES = tuple(dict.fromkeys([core.DEFAULT_ENCODER, *encoder_names()]))
 PRESET_CHOICES = tuple(PRESETS)
 
 

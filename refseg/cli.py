@@ -238,10 +238,10 @@ def _bank_run_spec(args, spec, bank):
     """``spec`` with the encoder the bank was built with (``--encoder`` when given) and its input size."""
     encoder_name = args.encoder
     if encoder_name is None:
-        from refseg.models.dinov2_encoder import DINOV2_VARIANTS
+        from refseg.models.registry import is_registered_encoder
 
         encoder_name = str(bank.encoder_settings.get("name", ""))
-        if encoder_name not in DINOV2_VARIANTS:
+        if not is_registered_encoder(encoder_name):
             raise UsageError(f"the bank was built with encoder {encoder_name!r}, which is not a registered model "
                              f"name: pass it with --encoder (e.g. --encoder package.module:Class)")
     return spec.with_changes(encoder=encoder_name, encoder_input_size=bank.encoder_settings.get("input_size"))
@@ -522,16 +522,23 @@ def cmd_models(args) -> int:
     from refseg.models.checkpoints import cache_dir
     from refseg.models.dinov2_encoder import DINOV2_VARIANTS
     from refseg.models.sam2_proposer import SAM2_VARIANTS
+    from refseg.models.timm_encoder import TIMM_VARIANTS, cached_source
 
     root = cache_dir(args.cache_dir)
     _say(f"checkpoint cache: {root} (--cache-dir or $REFSEG_CACHE_DIR)")
-    rows = [("proposer", name, v.checkpoint) for name, v in SAM2_VARIANTS.items()]
-    rows += [("encoder", name, v.checkpoint) for name, v in DINOV2_VARIANTS.items()]
-    width = max(len(name) for _, name, _ in rows)
-    for kind, name, spec in rows:
-        present = "present" if (root / spec.filename).is_file() else "missing"
+    rows = [("proposer", name, (root / v.checkpoint.filename).is_file(), v.checkpoint.url)
+            for name, v in SAM2_VARIANTS.items()]
+    rows += [("encoder", name, (root / v.checkpoint.filename).is_file(), v.checkpoint.url)
+             for name, v in DINOV2_VARIANTS.items()]
+    for name, v in TIMM_VARIANTS.items():  # present: a file of any source; the URL is that source's, else timm's
+        found = cached_source(v, root)
+        source = found[0] if found else v.sources[0]
+        rows.append(("encoder", name, found is not None, f"{source.spec.url} ({source.label})"))
+    width = max(len(name) for _, name, _, _ in rows)
+    for kind, name, is_present, url in rows:
+        present = "present" if is_present else "missing"
         default = " (default)" if name in (DEFAULT_PROPOSER, DEFAULT_ENCODER) else ""
-        _say(f"  {kind:<8} {name:<{width}}  {present:<7}  {spec.url}{default}")
+        _say(f"  {kind:<8} {name:<{width}}  {present:<7}  {url}{default}")
     return 0
 
 

@@ -19,7 +19,8 @@ import refseg_fiftyone.core as core  # noqa: E402
 from refseg.io.images import MAX_PIXELS_ENV  # noqa: E402
 from refseg.method.config import PRESETS  # noqa: E402
 from refseg.method.references import NO_ANNOTATION  # noqa: E402
-from refseg.models.dinov2_encoder import DINOV2_VARIANTS  # noqa: E402
+from refseg.models.dinov2_encoder import DINOV2_VARIANTS
+from refseg.models.registry import encoder_names  # noqa: E402
 from refseg.models.sam2_proposer import SAM2_VARIANTS  # noqa: E402
 from refseg.testing import CLASSES, draw_scene  # noqa: E402
 from test_fiftyone_plugin import TOY, build_toy_bank, make_dataset, op  # noqa: E402
@@ -124,7 +125,8 @@ def test_choices_come_from_the_registries_and_defaults_are_written_once():
     import fiftyone_plugin as plugin
 
     assert set(plugin.PROPOSER_CHOICES) == set(SAM2_VARIANTS) and plugin.PROPOSER_CHOICES[0] == core.DEFAULT_PROPOSER
-    assert set(plugin.ENCODER_CHOICES) == set(DINOV2_VARIANTS) and plugin.ENCODER_CHOICES[0] == core.DEFAULT_ENCODER
+    assert set(plugin.ENCODER_CHOICES) == set(encoder_names()) >= set(DINOV2_VARIANTS)
+    assert plugin.ENCODER_CHOICES[0] == core.DEFAULT_ENCODER
     assert plugin.PRESET_CHOICES == tuple(PRESETS) and core.DEFAULT_PRESET in PRESETS
     # the operators' Python signatures and the functions they call share the defaults
     pairs = [(plugin.BuildMemoryBank, core.build_memory_bank, ("bank_name", "reference_tag", "batch_size")),

@@ -1,4 +1,4 @@
-"""The bundled networks: SAM 2 mask proposals and DINOv2 patch features.
+"""The bundled networks: SAM 2 mask proposals and DINOv2 / DINOv3 / C-RADIO patch features.
 
 Importing this package is cheap: ``sam2`` (Hydra) and ``timm`` are imported
 only when a model is built.
@@ -14,11 +14,13 @@ from refseg.models.sam2_proposer import (
     point_grid,
     sam2_variant,
 )
-from refseg.models.registry import build_encoder, build_proposer, load_component
+from refseg.models.registry import build_encoder, build_proposer, encoder_names, load_component
+from refseg.models.timm_encoder import TIMM_VARIANTS, TimmEncoder, TimmVariant, timm_variant
 
 __all__ = [
     "CheckpointError", "CheckpointSpec", "resolve_checkpoint",
     "DINOV2_VARIANTS", "DINOv2Encoder", "DINOv2Variant", "dinov2_variant",
     "SAM2_VARIANTS", "SAM2ProposalGenerator", "SAM2Variant", "load_sam2", "point_grid", "sam2_variant",
-    "build_encoder", "build_proposer", "load_component",
+    "build_encoder", "build_proposer", "encoder_names", "load_component",
+    "TIMM_VARIANTS", "TimmEncoder", "TimmVariant", "timm_variant",
 ]

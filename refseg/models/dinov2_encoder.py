@@ -39,7 +39,7 @@ from refseg.models.checkpoints import (
     load_torch_file,
     resolve_checkpoint,
 )
-from refseg.models.fingerprint import weights_fingerprint
+from refseg.models.timm_encoder import DenseViTEncoder
 
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
@@ -193,22 +193,14 @@ def load_dinov2_weights(model: "VisionTransformer", variant: DINOv2Variant, path
     load_state_dict_strict(model, converted, path, f"DINOv2 model {variant.name!r}")
 
 
-class DINOv2Encoder:
+class DINOv2Encoder(DenseViTEncoder):
     """Last-block patch tokens of DINOv2 after the final LayerNorm, as a ``[B, g, g, D]`` grid."""
 
+    family = "dinov2"
     patch_size: int = PATCH_SIZE
 
     def __init__(self, model: "VisionTransformer", name: str = "dinov2"):
-        self.model = model.eval()
-        self.name = name
-        self.input_size = int(model.patch_embed.img_size[0])
-        self.patch_size = int(model.patch_embed.patch_size[0])
-        self.dim = int(model.embed_dim)
-        self.device = next(model.parameters()).device
-        self._prefix = int(model.num_prefix_tokens)  # class token + registers
-        self._mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1)
-        self._fingerprint = weights_fingerprint(model)
+        super().__init__(model, name, IMAGENET_MEAN, IMAGENET_STD)
 
     @classmethod
     def from_name(
@@ -235,32 +227,3 @@ class DINOv2Encoder:
         if path is not None:
             load_dinov2_weights(model, variant, path)
         return cls(model.to(target), name=variant.name)
-
-    @property
-    def grid_size(self) -> int:
-        """Patches per side of the output grid."""
-        return self.input_size // self.patch_size
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, input_size, input_size]`` in [0, 1] -> ``[B, g, g, dim]`` patch features (g = input_size / 14)."""
-        s = self.input_size
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != s or images.shape[3] != s:
-            raise ValueError(f"expected images [B, 3, {s}, {s}] in [0, 1], got {tuple(images.shape)}")
-        x = (images.to(self.device, torch.float32) - self._mean) / self._std
-        tokens = self.model.forward_features(x)  # [B, prefix + g*g, D], final norm applied
-        g = self.grid_size
-        return tokens[:, self._prefix :].reshape(x.shape[0], g, g, self.dim)
-
-    def settings(self) -> dict:
-        """JSON-able identity of the features; a memory bank refuses an encoder whose settings differ."""
-        return {
-            "encoder": "dinov2",
-            "name": self.name,
-            "input_size": self.input_size,
-            "patch_size": self.patch_size,
-            "dim": self.dim,
-            "features": "last block patch tokens after final norm",
-            "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-            "weights": self._fingerprint,
-        }

@@ -2,7 +2,7 @@
 
 :func:`build_proposer` and :func:`build_encoder` are what the command line and the
 FiftyOne plugin call. A registry name (``sam2.1_hiera_t``, ``dinov2_vitl14``)
-builds the bundled SAM2 / DINOv2 components; an import path builds a third-party
+builds the bundled SAM2 / DINOv2 / DINOv3 / C-RADIO components; an import path builds a third-party
 component through :func:`load_component`. Either way the result is checked
 against the :mod:`refseg.method.interfaces` protocols.
 """
@@ -125,27 +125,51 @@ def build_encoder(
     offline: bool | None = None,
     random_init: bool = False,
 ) -> FeatureEncoder:
-    """A :class:`FeatureEncoder` from a DINOv2 registry name or an import path (see :func:`build_proposer`).
+    """A :class:`FeatureEncoder` from a registry name (DINOv2, DINOv3, C-RADIO; see :func:`encoder_names`) or
+    an import path (see :func:`build_proposer`).
 
-    ``input_size`` None is the model's own (518 for DINOv2).
+    ``input_size`` None is the model's own (518 for DINOv2, 512 for DINOv3 / C-RADIO; 518 is passed to an
+    import path).
     """
-    from refseg.models.dinov2_encoder import DEFAULT_INPUT_SIZE, DINOV2_VARIANTS, DINOv2Encoder, dinov2_variant
+    from refseg.models.dinov2_encoder import DEFAULT_INPUT_SIZE, DINOv2Encoder, dinov2_variant
+    from refseg.models.timm_encoder import TimmEncoder, timm_variant
 
-    if input_size is None:
-        input_size = DEFAULT_INPUT_SIZE
-
+    kwargs = dict(checkpoint=checkpoint, cache_dir=cache_dir, offline=offline, random_init=random_init)
     if ":" in spec:
-        obj = load_component(spec, device=select_device(device), checkpoint=checkpoint, input_size=input_size,
-                             cache_dir=cache_dir, offline=offline, random_init=random_init)
+        obj = load_component(spec, device=select_device(device), input_size=input_size or DEFAULT_INPUT_SIZE,
+                             **kwargs)
+    elif _known(dinov2_variant, spec):
+        obj = DINOv2Encoder.from_name(spec, device=device, input_size=input_size or DEFAULT_INPUT_SIZE, **kwargs)
+    elif _known(timm_variant, spec):
+        obj = TimmEncoder.from_name(spec, device=device, input_size=input_size, **kwargs)
     else:
-        try:
-            dinov2_variant(spec)
-        except KeyError:
-            raise InvalidInput(
-                f"unknown encoder {spec!r}: use a DINOv2 model name ({', '.join(DINOV2_VARIANTS)}) "
-                f"or an import path 'package.module:Class'"
-            ) from None
-        obj = DINOv2Encoder.from_name(spec, checkpoint=checkpoint, device=device, input_size=input_size,
-                                      cache_dir=cache_dir, offline=offline, random_init=random_init)
+        raise InvalidInput(
+            f"unknown encoder {spec!r}: use a registered model name ({', '.join(encoder_names())}) "
+            f"or an import path 'package.module:Class'"
+        )
     _check(obj, FeatureEncoder, ("name", "input_size", "patch_size", "dim", "device", "encode", "settings"), spec)
     return obj
+
+
+def _known(lookup, name: str) -> bool:
+    try:
+        lookup(name)
+    except KeyError:
+        return False
+    return True
+
+
+def encoder_names() -> tuple[str, ...]:
+    """The registered encoder names, DINOv2 (the paper's) first, then DINOv3 and C-RADIO."""
+    from refseg.models.dinov2_encoder import DINOV2_VARIANTS
+    from refseg.models.timm_encoder import TIMM_VARIANTS
+
+    return (*DINOV2_VARIANTS, *TIMM_VARIANTS)
+
+
+def is_registered_encoder(name: str) -> bool:
+    """Whether ``name`` is a registered encoder name or alias (``dinov2_vits14_reg4``, ``dinov3_vits16``...)."""
+    from refseg.models.dinov2_encoder import dinov2_variant
+    from refseg.models.timm_encoder import timm_variant
+
+    return _known(dinov2_variant, name) or _known(timm_variant, name)
