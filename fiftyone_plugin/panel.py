@@ -45,7 +45,7 @@ def _run_rows(info: dict) -> list[dict]:
 class RefsegPanel(foo.Panel):
     @property
     def config(self):
-        return foo.PanelConfig(name=PANEL_NAME, label="refseg", icon="auto_awesome", surfaces="grid",
+        return foo.PanelConfig(name=PANEL_NAME, label="refseg", surfaces="grid",
                                help_markdown="Memory banks, labelling runs, review and the last evaluation of "
                                              "refseg on this dataset")
 
@@ -97,7 +97,7 @@ class RefsegPanel(foo.Panel):
             panel.md("No dataset loaded.", name="empty")
             return types.Property(panel, view=types.GridView(orientation="vertical"))
         self._render_banks(panel, outline["banks"])
-        panel.md("### Labelling runs", name="runs_heading")
+        panel.md("#### Labelling runs", name="runs_heading")
         if outline["has_runs"]:
             _table(panel, "runs", [("field", "Output field"), ("status", "Status"), ("done", "Done / total"),
                                    ("failed", "Failed"), ("device", "Device"), ("bank", "Bank")])
@@ -105,7 +105,7 @@ class RefsegPanel(foo.Panel):
             panel.md("No labelling run yet: run **refseg: auto-label**.", name="runs_none")
         if not outline["num_jobs"]:
             panel.md("No delegated refseg job queued or running.", name="jobs_none")
-        panel.md("### Review", name="review_heading")
+        panel.md("#### Review", name="review_heading")
         if outline["has_review"]:
             _table(panel, "review", [("field", "Predictions field"), ("predictions", "Predictions"),
                                      ("rejected", "Rejected"), ("accepted", "Accepted")])
@@ -116,7 +116,7 @@ class RefsegPanel(foo.Panel):
 
     @staticmethod
     def _render_banks(panel, banks: list[dict]) -> None:
-        panel.md("### Memory banks", name="banks_heading")
+        panel.md("#### Memory banks", name="banks_heading")
         if not banks:
             panel.md("No memory bank yet: tag a few annotated samples `reference` and run "
                      "**refseg: build memory bank**.", name="banks_none")
@@ -138,7 +138,7 @@ class RefsegPanel(foo.Panel):
 
     @staticmethod
     def _render_evaluation(panel, evaluation: dict | None) -> None:
-        panel.md("### Last evaluation", name="eval_heading")
+        panel.md("#### Last evaluation", name="eval_heading")
         if not evaluation:
             panel.md("No evaluation yet: run **refseg: evaluate auto-labels**.", name="eval_none")
             return
