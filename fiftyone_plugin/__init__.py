@@ -26,6 +26,8 @@ from refseg.models.registry import encoder_names
 from refseg.models.sam2_proposer import SAM2_VARIANTS
 from refseg_fiftyone import core, fiftyone_access
 
+from .panel import RefsegPanel
+
 DELEGATE_ABOVE = 8  # runs over more samples than this are delegated unless the caller says otherwise
 
 # the model registries' names (the default first); any import path package.module:Class works too
@@ -613,11 +615,24 @@ class EvaluateAutoLabels(_RefsegOperator):
             gt_field=p.get("gt_field"), eval_key=p.get("eval_key") or core.DEFAULT_EVAL_KEY, reference_tag=tag or None,
             iou=float(p.get("iou") or core.DEFAULT_IOU), use_masks=bool(p.get("use_masks", True)),
             only_labelled=bool(p.get("only_labelled", True)))
-        lines = [f"mAP **{report['mAP']:.3f}** on {report['num_samples']} sample(s) "
-                 f"(TP {report['tp']}, FP {report['fp']}, FN {report['fn']}); eval key `{report['eval_key']}`", ""]
-        lines += [f"- {c['class']}: AP {c['AP']:.3f}" for c in report["classes"]]
-        report["summary"] = "\n".join(lines)
+        report["summary"] = _evaluation_summary(report)
         return report
+
+
+def _ap(value: float) -> str:
+    return "n/a (no ground truth)" if value < 0 else f"{value:.3f}"
+
+
+def _evaluation_summary(report: dict) -> str:
+    """The evaluation dialog: COCO's mAP named as what it is (averaged over IoU 0.50:0.95, not at the form's
+    threshold), AP50 next to it, and the threshold the TP/FP/FN counts were matched at."""
+    lines = [f"**mAP@[.50:.95]** {_ap(report['mAP'])} · **AP50** {_ap(report['mAP50'])} on "
+             f"{report['num_samples']} sample(s); eval key `{report['eval_key']}`", "",
+             f"TP {report['tp']}, FP {report['fp']}, FN {report['fn']} at IoU {report['iou']:g} (the form's "
+             "threshold; mAP@[.50:.95] averages IoU 0.50, 0.55, ..., 0.95 whatever it is)", "",
+             "| class | AP@[.50:.95] | AP50 |", "|---|---|---|"]
+    lines += [f"| {c['class']} | {_ap(c['AP'])} | {_ap(c['AP50'])} |" for c in report["classes"]]
+    return "\n".join(lines)
 
 
 class ExportCoco(_RefsegOperator):
@@ -784,3 +799,4 @@ def register(p):
     """Plugin entry point."""
     for operator in OPERATORS:
         p.register(operator)
+    p.register(RefsegPanel)

@@ -19,7 +19,8 @@ Where things are kept:
   name (``refseg_bank``) on the container, written in the same update as the labels:
   a run that stops half way leaves every finished sample complete and marked, and
   running it again labels only the rest;
-- the last run per output field is summarised in ``info["refseg_runs"][<field>]``.
+- the last run per output field is summarised in ``info["refseg_runs"][<field>]``;
+- each evaluation (per-class AP, AP50) in ``info["refseg_evals"][<eval key>]``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any, Callable, Generator, Iterable
 import numpy as np
 
 import fiftyone as fo
+import numpy as np
 import fiftyone.core.utils as fou
 from fiftyone import ViewField as F
 
@@ -59,6 +61,7 @@ from .convert import (box_to_pixels, detection_box_pixels, detection_mask, mask_
 PLUGIN_NAME = "@refseg/refseg"
 BANKS_KEY = "refseg_banks"  # dataset.info key: bank name -> record
 RUNS_KEY = "refseg_runs"  # dataset.info key: output field -> last run summary
+EVALS_KEY = "refseg_evals"  # dataset.info key: eval key -> evaluate_auto_labels report
 RUN_ATTR = "refseg_run"  # on a labelled sample's Detections: the run key
 BANK_ATTR = "refseg_bank"  # on a labelled sample's Detections: the bank name
 BANK_DIR_ENV = "REFSEG_BANK_DIR"
@@ -986,7 +989,12 @@ def evaluate_auto_labels(samples, *, pred_field: str = DEFAULT_OUTPUT_FIELD, gt_
 
     Reference samples are left out (their labels made the bank); with
     ``only_labelled``, so are samples the labelling run has not reached yet.
-    Returns mAP and per-class AP (-1 where a class has no ground truth).
+    Returns ``mAP`` (COCO's mAP@[.50:.95]: AP averaged over the IoU thresholds 0.50,
+    0.55, ..., 0.95, whatever ``iou`` is), ``mAP50`` (AP at IoU 0.50) and per class
+    ``AP`` (@[.50:.95]) and ``AP50`` (-1 where a class has no ground truth); ``tp`` /
+    ``fp`` / ``fn`` count the matches at ``iou``. The report is also kept in
+    ``dataset.info["refseg_evals"][eval_key]`` with the time it was made, so the refseg
+    panel can show the last evaluation after the result dialog is closed.
     """
     dataset = _dataset_of(samples)
     check_detections_field(samples, pred_field, "prediction")
@@ -1001,17 +1009,33 @@ def evaluate_auto_labels(samples, *, pred_field: str = DEFAULT_OUTPUT_FIELD, gt_
         dataset.delete_evaluation(eval_key)
     results = view.evaluate_detections(pred_field, gt_field=gt_field, eval_key=eval_key, use_masks=use_masks,
                                        compute_mAP=True, iou=iou)
-    classes = [c for c in results.classes]
-    per_class = [{"class": c, "AP": float(results.mAP(classes=[c]))} for c in classes]
-    return {
+    # precision: IoU thresholds x classes x recall points, -1 for a class without ground truth
+    at50 = results.precision[int(np.argmin(np.abs(results.iou_threshs - 0.5)))]
+    ap50 = [float(row.mean()) if (row > -1).any() else -1.0 for row in at50]
+    per_class = [{"class": str(c), "AP": float(results.mAP(classes=[c])), "AP50": ap50[i]}
+                 for i, c in enumerate(results.classes)]
+    present = [a for a in ap50 if a > -1]
+    report = {
         "eval_key": eval_key,
         "mAP": float(results.mAP()),
+        "mAP50": float(np.mean(present)) if present else -1.0,
         "classes": per_class,
         "num_samples": len(view),
         "tp": int(sum(view.values(f"{eval_key}_tp"))),
         "fp": int(sum(view.values(f"{eval_key}_fp"))),
         "fn": int(sum(view.values(f"{eval_key}_fn"))),
+        "iou": float(iou),
+        "pred_field": pred_field,
+        "gt_field": gt_field,
+        "use_masks": bool(use_masks),
+        "evaluated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(),  # to the microsecond: orders evaluations
     }
+    # one $set of this entry (eval keys are field names: no '.' or '$'); an ``info[EVALS_KEY]`` that is not a
+    # dict (written by something else) is replaced
+    if not fiftyone_access.set_info_entry(dataset, (EVALS_KEY, eval_key), report):
+        dataset.info = {**(dataset.info or {}), EVALS_KEY: {eval_key: report}}
+        dataset.save()
+    return report
 
 
 def export_coco(samples, *, label_field: str, export_dir: str, mask_format: str = DEFAULT_MASK_FORMAT,

@@ -1,0 +1,198 @@
+"""Where a dataset's refseg work stands, as plain data: what the refseg panel of the App shows.
+
+:func:`dataset_status` gathers, from the dataset alone (no models are loaded):
+
+- ``banks``: each memory bank of ``info["refseg_banks"]`` with its references per class
+  (positives, negatives) and a few references per class to look at (the sample's file and the
+  reference label's box, found from the bank entries' FiftyOne sources);
+- ``runs``: the last labelling run per output field (``info["refseg_runs"]``) and the delegated
+  jobs of this plugin on this dataset that are queued, scheduled or running (FiftyOne's
+  delegated-operation queue), with their progress;
+- ``review``: per output field, how many predictions there are and how many are tagged
+  rejected / accepted;
+- ``evaluation``: the last :func:`refseg_fiftyone.core.evaluate_auto_labels` report
+  (``info["refseg_evals"]``): per-class AP@[.50:.95] and AP50, mAP@[.50:.95] and mAP50.
+
+:func:`thumbnail_uri` turns one reference into a small PNG ``data:`` URI (the crop around its box),
+which the App's image view shows without a media route.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+from refseg import ImageLoadError, MemoryBank, load_image
+
+from . import core
+
+THUMBNAILS_PER_CLASS = 3  # references shown per class and polarity
+ACTIVE_STATES = ("queued", "scheduled", "running")  # delegated jobs still to finish
+
+
+def dataset_status(dataset, thumbnails_per_class: int = THUMBNAILS_PER_CLASS, delegated: bool = True) -> dict:
+    """Everything the refseg panel shows about ``dataset`` (see the module's docstring)."""
+    dataset.reload()
+    runs = list_runs(dataset)
+    return {
+        "dataset": dataset.name,
+        "banks": [bank_summary(dataset, name, thumbnails_per_class) for name in sorted(core.list_banks(dataset))],
+        "runs": runs,
+        "jobs": active_jobs(dataset) if delegated else [],
+        "review": review_counts(dataset, [r["label_field"] for r in runs]),
+        "evaluation": last_evaluation(dataset),
+    }
+
+
+# ---------------------------------------------------------------------------- banks
+
+
+def bank_summary(dataset, bank_name: str, thumbnails_per_class: int = THUMBNAILS_PER_CLASS) -> dict:
+    """One bank: its models, references per class (positives, negatives) and references to show.
+
+    The counts are the record's (written with the bank); the references come from the bank
+    file's entries. A file that cannot be read (missing, replaced) gives ``error`` and no references."""
+    record = core.bank_record(dataset, bank_name)
+    summary = {"name": bank_name, "encoder": record.get("encoder"), "proposer": record.get("proposer"),
+               "preset": record.get("preset"), "updated_at": record.get("updated_at"),
+               "counts": [{"class": c["class"], "positives": int(c.get("references", 0)),
+                           "negatives": int(c.get("negatives", 0))} for c in record.get("counts", [])],
+               "references": [], "error": None}
+    try:
+        bank, _ = core.load_bank(dataset, bank_name)
+    except (OSError, ValueError) as exc:
+        summary["error"] = str(exc)
+        return summary
+    summary["references"] = reference_examples(dataset, bank, thumbnails_per_class)
+    return summary
+
+
+def reference_examples(dataset, bank: MemoryBank, per_class: int = THUMBNAILS_PER_CLASS) -> list[dict]:
+    """Up to ``per_class`` positive and as many negative entries per class, each with the file of its
+    sample and the box of its label (``bounding_box``: FiftyOne's relative ``[x, y, w, h]``); entries whose
+    sample or label is gone from the dataset are left out."""
+    chosen, seen = [], {}
+    for entry in bank.entries:
+        key = (entry.class_name, entry.negative)
+        source = entry.source or {}
+        if seen.get(key, 0) >= per_class or not source.get("sample_id") or not source.get("label_id"):
+            continue
+        seen[key] = seen.get(key, 0) + 1
+        chosen.append(entry)
+    by_sample: dict[str, list] = {}
+    for entry in chosen:
+        by_sample.setdefault(entry.source["sample_id"], []).append(entry)
+    found = {}
+    fields = sorted({e.source.get("field") for e in chosen if e.source.get("field")})
+    view = dataset.select(list(by_sample)).select_fields(fields) if fields else dataset.select(list(by_sample))
+    for sample in view.iter_samples():
+        for entry in by_sample[sample.id]:
+            field = entry.source.get("field")
+            labels = sample[field] if field and sample.has_field(field) else None
+            det = next((d for d in (labels.detections if labels is not None else []) if d.id == entry.source["label_id"]),
+                       None)
+            if det is not None and det.bounding_box is not None:
+                found[entry.id] = {"class": entry.class_name, "negative": entry.negative, "sample_id": sample.id,
+                                   "label_id": det.id, "field": field, "filepath": sample.filepath,
+                                   "bounding_box": [float(v) for v in det.bounding_box],
+                                   "review": entry.source.get("review")}
+    return [found[e.id] for e in chosen if e.id in found]
+
+
+def thumbnail_uri(filepath: str, bounding_box, size: int = 96, margin: float = 0.15) -> str | None:
+    """A ``data:image/png`` URI of the crop around ``bounding_box`` (relative ``[x, y, w, h]``, grown by
+    ``margin`` of its size on each side), at most ``size`` pixels on its longer side; None if the image
+    cannot be read."""
+    from PIL import Image
+
+    try:
+        image = Image.fromarray(load_image(filepath))
+    except (ImageLoadError, OSError):
+        return None
+    width, height = image.size
+    x, y, w, h = bounding_box
+    dx, dy = w * margin, h * margin
+    left, top = max(0, int((x - dx) * width)), max(0, int((y - dy) * height))
+    right, bottom = min(width, int(round((x + w + dx) * width))), min(height, int(round((y + h + dy) * height)))
+    crop = image.crop((left, top, max(right, left + 1), max(bottom, top + 1)))
+    crop.thumbnail((size, size))
+    buffer = io.BytesIO()
+    crop.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+# ---------------------------------------------------------------------------- runs and jobs
+
+
+def list_runs(dataset) -> list[dict]:
+    """The last run per output field: status, how far it got (``done`` of ``total`` targets: already done
+    plus labelled now), failures, bank and devices."""
+    runs = []
+    for field, run in sorted(((dataset.info or {}).get(core.RUNS_KEY) or {}).items()):
+        if not isinstance(run, dict):
+            continue
+        total = int(run.get("num_targets") or 0)
+        runs.append({"label_field": field, "status": run.get("status", "unknown"), "bank": run.get("bank"),
+                     "done": int(run.get("num_already_done") or 0) + int(run.get("num_labelled") or 0),
+                     "total": total, "labelled": int(run.get("num_labelled") or 0),
+                     "failed": int(run.get("num_failed") or 0), "instances": run.get("num_instances"),
+                     "devices": list(run.get("devices") or []), "shard": run.get("shard"),
+                     "finished_at": run.get("finished_at"), "error": run.get("error")})
+    return runs
+
+
+def active_jobs(dataset) -> list[dict]:
+    """This plugin's delegated jobs on ``dataset`` that have not finished (queued, scheduled, running),
+    oldest first, with their progress (``progress``: 0..1 or None, ``progress_label``)."""
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    service = DelegatedOperationService()
+    jobs = []
+    for state in ACTIVE_STATES:
+        for doc in service.list_operations(dataset_name=dataset.name, run_state=state):
+            if not str(doc.operator).startswith(core.PLUGIN_NAME + "/"):
+                continue
+            params = _request_params(doc).get("params") or {}
+            status = doc.status
+            jobs.append({"id": str(doc.id), "operator": doc.operator.rsplit("/", 1)[-1], "state": doc.run_state,
+                         "label_field": params.get("label_field"), "shard_index": params.get("shard_index"),
+                         "num_shards": params.get("num_shards"),
+                         "progress": getattr(status, "progress", None), "progress_label": getattr(status, "label", None),
+                         "queued_at": _iso(doc.queued_at), "started_at": _iso(doc.started_at)})
+    return sorted(jobs, key=lambda j: j["queued_at"] or "")
+
+
+def _request_params(doc) -> dict:
+    context = getattr(doc, "context", None)
+    return dict(getattr(context, "request_params", None) or {})
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat(timespec="seconds") if hasattr(value, "isoformat") else value
+
+
+# ---------------------------------------------------------------------------- review and evaluation
+
+
+def review_counts(dataset, fields: list[str], rejected_tag: str = core.DEFAULT_REJECTED_TAG,
+                  accepted_tag: str = core.DEFAULT_ACCEPTED_TAG) -> list[dict]:
+    """Per output field (that the dataset still has): predictions, and how many are tagged rejected /
+    accepted (label tags, the review the bank learns from)."""
+    counts = []
+    for field in fields:
+        if not dataset.has_sample_field(field):
+            continue
+        tags = dataset.count_label_tags(label_fields=field)
+        counts.append({"field": field, "predictions": int(dataset.count(f"{field}.detections")),
+                       "rejected": int(tags.get(rejected_tag, 0)), "accepted": int(tags.get(accepted_tag, 0))})
+    return counts
+
+
+def last_evaluation(dataset) -> dict | None:
+    """The most recent stored :func:`core.evaluate_auto_labels` report whose evaluation FiftyOne still has,
+    or None."""
+    evals = (dataset.info or {}).get(core.EVALS_KEY) or {}
+    existing = set(dataset.list_evaluations())
+    reports = [r for key, r in evals.items() if isinstance(r, dict) and key in existing]
+    return max(reports, key=lambda r: r.get("evaluated_at") or "") if reports else None
