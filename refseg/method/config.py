@@ -292,8 +292,9 @@ def _replace_dotted(obj: Any, path: list[str], value: Any, done: tuple[str, ...]
         raise UnknownName(f"unknown setting {head!r}{where}; known: {', '.join(sorted(names))}")
     if len(path) == 1:
         current = getattr(obj, head)
-        if isinstance(value, str) and not isinstance(current, str):
-            value = _parse_text(".".join(done + (head,)), current, value)
+        key = ".".join(done + (head,))
+        if isinstance(value, str) and (not isinstance(current, str) or key == "proposal.prompt_similarity"):
+            value = _parse_text(key, current, value)
         return dataclasses.replace(obj, **{head: value})
     return dataclasses.replace(obj, **{head: _replace_dotted(getattr(obj, head), path[1:], value, done + (head,))})
 
