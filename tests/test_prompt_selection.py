@@ -9,37 +9,16 @@ from pycocotools.coco import COCO
 
 from refseg import PAPER, MemoryBank, Reference, ReferenceEncoder, Segmenter, decode_rle, load_image
 from refseg.method.config import PRESETS
-from refseg.method.interfaces import Proposals, supports_prompt_selection
+from refseg.method.interfaces import supports_prompt_selection
 from refseg.method.prompt_selection import (PromptSelectionError, choose_prompt_threshold,
                                             detection_prompt_similarities, estimate_prompt_threshold,
                                             point_patches, store_prompt_threshold, stored_prompt_threshold)
 from refseg.method.thresholds import HeldOutImage
-from refseg.models.sam2_proposer import point_grid, prompt_batches
-from refseg.testing import ColorEncoder, ColorRegionProposer, make_synthetic_coco
+from refseg.models.sam2_proposer import prompt_batches
+from refseg.testing import ColorEncoder, ColorRegionProposer, GridColorProposer, make_synthetic_coco
 
 S = 256
 TOY = PAPER.with_overrides(**{"proposal.image_size": S, "proposal.points_per_side": 16})
-
-
-class GridColorProposer(ColorRegionProposer):
-    """ColorRegionProposer as if prompted by a point grid: each region is the proposal of the first grid point
-    inside it (regions without a point are not proposed), and a skipped prompt proposes nothing. The predicted
-    IoUs are made distinct so that detections can be traced to their candidates."""
-
-    def __init__(self, points_per_side: int = 16, image_size: int = S):
-        super().__init__()
-        self.prompt_points = point_grid(points_per_side, image_size)
-
-    def propose(self, images, prompt_mask=None):
-        out = []
-        cells = (self.prompt_points // self.logit_stride).long()  # [P, 2] (x, y) logit cells
-        for b, props in enumerate(super().propose(images)):
-            inside = props.logits[:, cells[:, 1], cells[:, 0]] > 0  # [N, P]
-            has, first = inside.any(1), inside.int().argmax(1)
-            keep = has if prompt_mask is None else has & prompt_mask[b][first]
-            distinct = props.pred_iou - 1e-4 * torch.arange(len(props))
-            out.append(Proposals(props.logits[keep], distinct[keep], first[keep]))
-        return out
 
 
 # ---------------------------------------------------------------- settings
@@ -65,6 +44,7 @@ def test_prompt_batches_keep_each_prompt_in_a_batch_of_its_paper_size():
     assert [(len(i), r) for i, r in batches] == [(16, 5), (4, 2)]
     assert torch.cat([i[:r] for i, r in batches]).tolist() == [0, 5, 17, 20, 31, 33, 35]
     assert prompt_batches(36, 16, torch.zeros(36, dtype=torch.bool)) == []
+    assert [(len(i), r) for i, r in prompt_batches(32, 16, torch.ones(32, dtype=torch.bool))] == [(16, 16)] * 2
 
 
 def test_point_patches_map_the_square_frame_onto_the_patch_grid():
@@ -194,3 +174,24 @@ def test_sam2_decodes_kept_prompts_bit_identically_to_paper_mode(fast):
         assert torch.equal(selected[b].prompt_index, kept)
         assert torch.equal(selected[b].logits, paper[b].logits[kept])
         assert torch.equal(selected[b].pred_iou, paper[b].pred_iou[kept])
+
+
+def test_cli_calibrate_chooses_the_prompt_threshold_and_predict_applies_it(tmp_path):
+    import json
+
+    from refseg.cli import main
+
+    image_dir, json_path = make_synthetic_coco(tmp_path / "data", n_images=4, height=S, width=S, seed=5)
+    toy = ["--proposer", "refseg.testing:GridColorProposer", "--encoder", "refseg.testing:ColorEncoder",
+           "--device", "cpu", "--set", f"proposal.image_size={S}", "--set", "proposal.points_per_side=16"]
+    bank = tmp_path / "bank.safetensors"
+    assert main(["build-bank", "--references", str(json_path), "--images", str(image_dir), "--out", str(bank),
+                 *toy]) == 0
+    main(["calibrate", "--bank", str(bank), "--images", str(image_dir), "--ground-truth", str(json_path),
+          "--prompt-share", "0.9", *toy])
+    stored = MemoryBank.load(bank).prompt_similarity
+    assert stored["share"] == 0.9 and stored["kept"] >= 0.9 * stored["detections"] > 0
+    out = tmp_path / "results.json"
+    assert main(["predict", "--bank", str(bank), "--coco", str(json_path), "--images", str(image_dir),
+                 "--out", str(out), "--quiet", *toy, "--set", "proposal.prompt_similarity=bank"]) == 0
+    assert json.loads(out.read_text())

@@ -175,6 +175,8 @@ def prompt_batches(n_prompts: int, step: int, keep: torch.Tensor | None = None) 
     groups = [(order[:full][keep[:full]], step), (order[full:][keep[full:]], n_prompts - full)]
     batches = []
     for kept, size in groups:
+        if size == 0:  # no shorter last batch: the prompts are a multiple of step
+            continue
         for s in range(0, kept.numel(), size):
             chunk = kept[s : s + size]
             pad = chunk[-1:].expand(size - chunk.numel())
