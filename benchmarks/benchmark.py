@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -66,6 +67,7 @@ class StageTimer:
                 self.totals[name] += time.perf_counter() - t0
 
     def wrap(self, fn, name: str):
+        @functools.wraps(fn)  # keeps the signature (prompt selection looks for propose's prompt_mask)
         def timed(*args, **kwargs):
             with self.stage(name):
                 return fn(*args, **kwargs)
@@ -143,6 +145,9 @@ def main(argv=None) -> int:
     p.add_argument("--keep-all-proposals", action="store_true", help="pred_iou_threshold=-1: worst case")
     p.add_argument("--small", action="store_true",
                    help="CPU-sized run: SAM2.1-tiny at 512 px, 8x8 grid, DINOv2-S (or --encoder) at 224, 4 images")
+    p.add_argument("--prompt-similarity", type=float, default=None, metavar="T",
+                   help="decode only the prompts whose patch feature has cosine >= T to a class prototype "
+                        "(proposal.prompt_similarity); reports the share of prompts decoded")
     p.add_argument("--json", default=None, help="write the figures here as JSON")
     args = p.parse_args(argv)
 
@@ -156,6 +161,8 @@ def main(argv=None) -> int:
     args.encoder = args.encoder or DEFAULT_ENCODER
     if args.keep_all_proposals:
         overrides.append("proposal.pred_iou_threshold=-1")
+    if args.prompt_similarity is not None:
+        overrides.append(f"proposal.prompt_similarity={args.prompt_similarity}")
     spec = RunSpec(proposer=args.proposer, encoder=args.encoder, preset=args.preset, overrides=overrides,
                    encoder_input_size=encoder_size, random_init=True)
     cfg = spec.config()
@@ -175,6 +182,16 @@ def main(argv=None) -> int:
     seg = Segmenter(proposer, encoder, bank, cfg)
     timer = StageTimer(device)
     instrument(seg, timer)
+    decoded: list[float] = []  # per image, the share of its prompts decoded
+    if args.prompt_similarity is not None:
+        propose = seg.proposer.propose
+
+        @functools.wraps(propose)
+        def counting(images, prompt_mask=None):
+            decoded.extend(prompt_mask.float().mean(dim=1).tolist())
+            return propose(images, prompt_mask=prompt_mask)
+
+        seg.proposer.propose = counting
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_images(args.warmup + args.images, args.height, args.width, Path(tmp))
@@ -197,7 +214,7 @@ def main(argv=None) -> int:
         for i in range(0, args.warmup, args.batch_size):
             run(paths[i:i + args.batch_size])
         timer.enabled = True
-        n_props.clear(), n_dets.clear()
+        n_props.clear(), n_dets.clear(), decoded.clear()
         timer.sync()
         start = time.perf_counter()
         timed = paths[args.warmup:]
@@ -223,6 +240,8 @@ def main(argv=None) -> int:
         "ms_per_stage": {k: round(v, 2) for k, v in per_stage_ms.items()},
         "proposals_per_image": round(float(np.mean(n_props)), 1) if n_props else 0,
         "detections_per_image": round(float(np.mean(n_dets)), 1) if n_dets else 0,
+        "prompt_similarity": args.prompt_similarity,
+        "prompts_decoded_share": round(float(np.mean(decoded)), 3) if decoded else 1.0,
         "peak_host_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1) if device.type == "cuda"
         else None,
@@ -233,6 +252,7 @@ def main(argv=None) -> int:
     for stage, ms in result["ms_per_stage"].items():
         print(f"  {stage:<16} {ms:10.2f} ms/image")
     print(f"proposals/image {result['proposals_per_image']}, detections/image {result['detections_per_image']}")
+    print(f"prompts decoded: {result['prompts_decoded_share']:.1%} (prompt similarity {args.prompt_similarity})")
     print(f"peak host memory {result['peak_host_memory_mb']} MB, peak GPU memory {result['peak_gpu_memory_mb']} MB")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

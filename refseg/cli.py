@@ -393,6 +393,8 @@ def cmd_calibrate(args) -> int:
     gt = read_coco(_need_file(args.ground_truth, "ground-truth COCO file"))
     if not 0 < args.target_precision <= 1:
         raise UsageError(f"--target-precision must be in (0, 1], got {args.target_precision}")
+    if args.prompt_share is not None and not 0 < args.prompt_share <= 1:
+        raise UsageError(f"--prompt-share must be in (0, 1], got {args.prompt_share}")
     spec = _run_spec(args)
     bank = MemoryBank.load(bank_path)
     bank.check_usable()
@@ -416,9 +418,16 @@ def cmd_calibrate(args) -> int:
     for line in report.lines():
         _say(f"  {line}")
     store_thresholds(bank, report)
+    if args.prompt_share is not None:
+        from refseg.method.prompt_selection import estimate_prompt_threshold, store_prompt_threshold
+
+        found = estimate_prompt_threshold(segmenter, held_out, args.prompt_share)
+        _say(f"  {found.describe()}")
+        store_prompt_threshold(bank, found)
     out = Path(args.out or bank_path)
     bank.save(out)
-    _say(f"class thresholds stored in {out}; apply them with refseg predict --class-thresholds")
+    _say(f"class thresholds stored in {out}; apply them with refseg predict --class-thresholds"
+         + ("; the prompt threshold with --set proposal.prompt_similarity=bank" if args.prompt_share else ""))
     unsure = [c for c, t in report.classes.items() if t.status in (NO_DATA, UNREACHABLE)]
     return EXIT_INCOMPLETE if unsure or report.failed else EXIT_OK
 
@@ -669,6 +678,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="COCO file with every instance of the reference images (e.g. the training annotations the "
                         "references were sampled from)")
     p.add_argument("--target-precision", type=float, default=0.9, help="precision each class must reach (0.9)")
+    p.add_argument("--prompt-share", type=float, default=None, metavar="SHARE",
+                   help="also choose the prompt similarity threshold that keeps this share of the references' "
+                        "detections (e.g. 0.95); 'refseg predict --set proposal.prompt_similarity=bank' then "
+                        "decodes only the prompts near a class prototype (faster)")
     p.add_argument("--out", help="write the bank with its thresholds here (default: replace --bank)")
     _add_model_options(p, "Mask proposals.")
     _add_settings_options(p)

@@ -4,6 +4,7 @@ These are real implementations of the two interfaces (no weights, no randomness)
 
 - :class:`ColorRegionProposer` proposes each connected region of one palette colour
   (plus a slightly shrunk duplicate of it, so NMS and merging have work to do).
+- :class:`GridColorProposer` is the same with a point grid's prompts (for prompt selection).
 - :class:`ColorEncoder` describes each patch by its similarity to the palette colours.
 
 :func:`make_synthetic_coco` draws images with planted coloured shapes and writes a
@@ -122,6 +123,36 @@ class ColorRegionProposer:
             union = (m | box_mask).flatten(1).sum(1).float()
             out.append(props.logits[int((inter / union).argmax())])
         return torch.stack(out)
+
+
+class GridColorProposer(ColorRegionProposer):
+    """:class:`ColorRegionProposer` as if prompted by a point grid (``proposal.points_per_side`` on a side of
+    the ``proposal.image_size`` frame), for prompt selection: each region is the proposal of the first grid
+    point inside it (a region without one is not proposed), a skipped prompt proposes nothing, and the
+    predicted IoUs are made distinct (each proposal's minus 1e-4 per place) so detections trace back to them."""
+
+    def __init__(self, device: str | torch.device = "cpu", config=None):
+        from refseg.method.config import ProposalConfig
+        from refseg.models.sam2_proposer import point_grid
+
+        super().__init__(device)
+        config = config or ProposalConfig(image_size=256, points_per_side=16)
+        self.name = "grid-color-regions"
+        self.prompt_points = point_grid(config.points_per_side, config.image_size)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "prompts": int(self.prompt_points.shape[0])}
+
+    def propose(self, images: torch.Tensor, prompt_mask: torch.Tensor | None = None) -> list[Proposals]:
+        out = []
+        cells = (self.prompt_points // self.logit_stride).long()  # [P, 2] (x, y) logit cells
+        for b, props in enumerate(super().propose(images)):
+            inside = props.logits[:, cells[:, 1], cells[:, 0]] > 0  # [N, P]
+            has, first = inside.any(1), inside.int().argmax(1)
+            keep = has if prompt_mask is None else has & prompt_mask[b].to(has.device)[first]
+            distinct = props.pred_iou - 1e-4 * torch.arange(len(props), device=props.pred_iou.device)
+            out.append(Proposals(props.logits[keep], distinct[keep], first[keep]))
+        return out
 
 
 class ColorEncoder:

@@ -52,6 +52,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "proposal.pred_iou_threshold": (lambda v: _is_number(v) and v <= 1, "a number <= 1 (IoU; negative: keep all)"),
     "proposal.add_no_mem_embed": _flag,
     "proposal.fast_decoder": _flag,
+    "proposal.prompt_similarity": (lambda v: v is None or v == "bank" or (_is_number(v) and -1 <= v <= 1),
+                                   "null (off), 'bank' (the threshold stored with the bank) or a cosine in [-1, 1]"),
     "match.mask_threshold": _finite,
     "match.negative_margin": _finite,
     "merge.nms_iou": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1] (IoU)"),
@@ -111,6 +113,10 @@ class ProposalConfig:
     # Decoder with the prompt-independent image-side work done once per image and the IoU threshold
     # applied once per image (refseg.models.sam2_fast_decoder); the same function up to rounding.
     fast_decoder: bool = False
+    # Opt-in speed (refseg.method.prompt_selection): decode only the grid prompts whose patch feature has cosine
+    # >= this to some class prototype; "bank": the threshold `refseg calibrate --prompt-share` stored with the
+    # bank; None (every preset): every prompt is decoded.
+    prompt_similarity: float | str | None = None
 
     def __post_init__(self) -> None:
         _validate(self, "proposal")
@@ -244,6 +250,15 @@ def _parse_text(key: str, current: Any, text: str) -> Any:
     """A setting given as text (``with_overrides(**{"merge.top_k": "50"})``), read as the type of its current value;
     a value that does not read as that type is a :class:`ValueError` naming the setting."""
     word = text.strip()
+    if key == "proposal.prompt_similarity":  # null, "bank" or a number, whatever the current value
+        if word.lower() in ("none", "null", "off"):
+            return None
+        if word.lower() == "bank":
+            return "bank"
+        try:
+            return float(word)
+        except ValueError:
+            raise InvalidInput(f"setting {key} must be {RULES[key][1]}, got {text!r}") from None
     if isinstance(current, bool):
         if word.lower() in _TRUE:
             return True
@@ -277,8 +292,9 @@ def _replace_dotted(obj: Any, path: list[str], value: Any, done: tuple[str, ...]
         raise UnknownName(f"unknown setting {head!r}{where}; known: {', '.join(sorted(names))}")
     if len(path) == 1:
         current = getattr(obj, head)
-        if isinstance(value, str) and not isinstance(current, str):
-            value = _parse_text(".".join(done + (head,)), current, value)
+        key = ".".join(done + (head,))
+        if isinstance(value, str) and (not isinstance(current, str) or key == "proposal.prompt_similarity"):
+            value = _parse_text(key, current, value)
         return dataclasses.replace(obj, **{head: value})
     return dataclasses.replace(obj, **{head: _replace_dotted(getattr(obj, head), path[1:], value, done + (head,))})
 

@@ -36,9 +36,13 @@ def component_identity(component) -> dict:
 
 def run_identity(config, proposer: dict, encoder: dict, bank) -> dict:
     """The identity of labelling with these models (their :func:`component_identity`), bank and config
-    (with the bank's class thresholds when the config applies them)."""
+    (with the bank's class thresholds when the config applies them, and its prompt threshold when the config
+    takes it from the bank)."""
+    settings = config.to_dict()
+    if settings["proposal"]["prompt_similarity"] is None:  # off: the identity of runs recorded before the option
+        del settings["proposal"]["prompt_similarity"]
     identity = {
-        "config": config.to_dict(),
+        "config": settings,
         "proposer": proposer,
         "encoder": encoder,
         "classes": list(bank.class_names),
@@ -46,6 +50,8 @@ def run_identity(config, proposer: dict, encoder: dict, bank) -> dict:
     }
     if config.merge.class_thresholds:
         identity["thresholds"] = bank.thresholds
+    if config.proposal.prompt_similarity == "bank":
+        identity["prompt_similarity"] = bank.prompt_similarity
     return jsonable(identity)
 
 

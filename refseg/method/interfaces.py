@@ -21,10 +21,13 @@ class Proposals:
 
     logits:   [N, h, w] float mask logits (SAM2: h = w = 256); mask = logits > 0.
     pred_iou: [N] float, the proposer's own quality estimate, used for ranking.
+    prompt_index: optional [N] int64, the index of the prompt (in the proposer's ``prompt_points``) each
+              proposal came from; None when the proposer has no prompts or does not say.
     """
 
     logits: torch.Tensor
     pred_iou: torch.Tensor
+    prompt_index: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.pred_iou.shape[0])
@@ -43,6 +46,12 @@ class ProposalGenerator(Protocol):
     ``masks_from_boxes`` turns boxes (``[K, 4]`` xyxy in pixels of the S x S frame)
     into mask logits ``[K, h, w]`` on one image ``[3, S, S]``; it is used for
     box-only references.
+
+    Optional, for prompt selection (``proposal.prompt_similarity``, see
+    :mod:`refseg.method.prompt_selection`): a proposer prompted with points has a
+    ``prompt_points`` attribute (``[P, 2]`` float (x, y) pixels of the S x S frame) and takes
+    ``propose(images, prompt_mask=M)`` with ``M`` ``[B, P]`` bool: the prompts to decode (a
+    False prompt yields no proposal). Proposers without them work whenever the option is off.
     """
 
     name: str
@@ -78,3 +87,15 @@ class FeatureEncoder(Protocol):
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
 
     def settings(self) -> dict: ...
+
+
+def supports_prompt_selection(proposer) -> bool:
+    """Whether ``proposer`` has the optional prompt-selection interface of :class:`ProposalGenerator`."""
+    import inspect
+
+    if getattr(proposer, "prompt_points", None) is None:
+        return False
+    try:
+        return "prompt_mask" in inspect.signature(proposer.propose).parameters
+    except (TypeError, ValueError):
+        return False

@@ -75,6 +75,9 @@ class MemoryBank:
         # per-class score thresholds (refseg.method.thresholds.ThresholdReport.to_dict()), with the checksum of
         # the embeddings they were estimated for under "embeddings_sha256"; {} when none were estimated
         self.thresholds: dict = {}
+        # the prompt-selection threshold (refseg.method.prompt_selection.PromptThreshold.to_dict()), with the
+        # same checksum; {} when none was chosen
+        self.prompt_similarity: dict = {}
 
     # ------------------------------------------------------------------ editing
     def add(self, class_name: str, embedding: torch.Tensor, *, negative: bool = False, source: dict | None = None,
@@ -208,6 +211,8 @@ class MemoryBank:
         }
         if self.thresholds:
             header["thresholds"] = self.thresholds
+        if self.prompt_similarity:
+            header["prompt_similarity"] = self.prompt_similarity
         from refseg.io.files import write_atomic
 
         # serialised in memory, then one fsync'd atomic write (mode following the umask)
@@ -250,6 +255,7 @@ class MemoryBank:
             bank = cls(header["encoder"], header["class_names"])
             bank.entries = [ReferenceEntry.from_dict(d) for d in header["references"]]
             bank.thresholds = dict(header.get("thresholds") or {})
+            bank.prompt_similarity = dict(header.get("prompt_similarity") or {})
         except (KeyError, TypeError, AttributeError) as exc:
             raise BankError(f"{damaged}: its header lacks or garbles {exc}; rebuild it") from None
         if emb.ndim != 2 or emb.shape[0] != len(bank.entries):

@@ -20,11 +20,13 @@ import numpy as np
 import torch
 
 from refseg.method.config import PAPER, PipelineConfig
-from refseg.method.identity import component_identity, run_identity
+from refseg.method.identity import bank_digest, component_identity, run_identity
 from refseg.io.images import load_image
-from refseg.method.interfaces import FeatureEncoder, ProposalGenerator
+from refseg.method.interfaces import FeatureEncoder, ProposalGenerator, supports_prompt_selection
 from refseg.method.matching import match_to_prototypes, pool_features
 from refseg.method.memory_bank import MemoryBank
+from refseg.method.prompt_selection import (PromptSelectionError, point_patches, prompt_similarities,
+                                            resolve_prompt_threshold)
 from refseg.method.rescoring import rescore_by_diffusion
 from refseg.method.thresholds import apply_thresholds, stored_thresholds
 from refseg.method.merging import class_aware_nms, mask_boxes, soft_merge_scores, top_k, upsampled_intersections
@@ -46,18 +48,25 @@ class Candidates:
     pred_iou: [N] float.
     features: [N, D] unit-norm pooled features.
     image_size: (H, W) of the original image.
+    prompt_index: optional [N] int64, the proposer's prompt of each candidate (when it reports them).
+    prompt_similarities: optional [P] float, per prompt of the image its highest cosine to a class prototype
+        (with prompt selection, or ``Segmenter.propose(..., with_prompt_similarities=True)``). Neither is kept
+        by a candidate cache.
     """
 
     logits: torch.Tensor
     pred_iou: torch.Tensor
     features: torch.Tensor
     image_size: tuple[int, int]
+    prompt_index: torch.Tensor | None = None
+    prompt_similarities: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.pred_iou.shape[0])
 
     def to(self, device: torch.device | str) -> "Candidates":
-        return Candidates(self.logits.to(device), self.pred_iou.to(device), self.features.to(device), self.image_size)
+        return Candidates(self.logits.to(device), self.pred_iou.to(device), self.features.to(device), self.image_size,
+                          *(None if t is None else t.to(device) for t in (self.prompt_index, self.prompt_similarities)))
 
 
 @dataclass
@@ -123,6 +132,12 @@ class Segmenter:
         bank.check_usable()
         # the bank's per-class thresholds, when the settings apply them (refused if none or stale)
         self._thresholds = stored_thresholds(bank) if self.config.merge.class_thresholds else None
+        # the prompt-selection threshold (refused if "bank" and none or stale; needs a proposer with prompts)
+        self._prompt_threshold = resolve_prompt_threshold(self.config.proposal.prompt_similarity, bank)
+        if self._prompt_threshold is not None and not supports_prompt_selection(self.proposer):
+            raise PromptSelectionError(
+                f"proposal.prompt_similarity needs a proposer with prompt points (prompt_points and "
+                f"propose(images, prompt_mask=...)); {type(self.proposer).__name__} has none: leave the setting off")
         self.bank = bank
         self.class_names = list(bank.class_names)
         self._prototypes = bank.prototypes()
@@ -141,15 +156,23 @@ class Segmenter:
         the same dict object is returned until one of them changes.
         """
         cfg = self.config
-        state = (id(self.proposer), id(self.encoder), cfg.proposal, cfg.precision, cfg.match.mask_threshold)
+        selection = None if self._prompt_threshold is None else (self._prompt_threshold, id(self.bank))
+        state = (id(self.proposer), id(self.encoder), cfg.proposal, cfg.precision, cfg.match.mask_threshold,
+                 selection)
         memo = self._stage1_memo
         if memo is None or memo[0] != state:
-            memo = (state, {"stage1_version": STAGE1_VERSION,
-                            "proposer": component_identity(self.proposer),
-                            "encoder": component_identity(self.encoder),
-                            "proposal": dataclasses.asdict(cfg.proposal),
-                            "precision": cfg.precision,
-                            "mask_threshold": float(cfg.match.mask_threshold)})
+            proposal = dataclasses.asdict(cfg.proposal)
+            del proposal["prompt_similarity"]  # off: the settings of caches written before the option existed
+            settings = {"stage1_version": STAGE1_VERSION,
+                        "proposer": component_identity(self.proposer),
+                        "encoder": component_identity(self.encoder),
+                        "proposal": proposal,
+                        "precision": cfg.precision,
+                        "mask_threshold": float(cfg.match.mask_threshold)}
+            if selection is not None:  # the candidates then depend on the bank's prototypes too
+                settings["prompt_selection"] = {"threshold": self._prompt_threshold,
+                                                "bank": bank_digest(self.bank)}
+            memo = (state, settings)
             self._stage1_memo = memo
         return memo[1]
 
@@ -158,28 +181,52 @@ class Segmenter:
         :class:`~refseg.runtime.device_pool.DevicePool` are used alike by a labelling job."""
 
     # ------------------------------------------------------------------ stage 1
-    def propose(self, images: Sequence[np.ndarray]) -> list[Candidates]:
-        """Run the networks on RGB uint8 images: proposals and pooled features per image."""
+    def propose(self, images: Sequence[np.ndarray], with_prompt_similarities: bool = False) -> list[Candidates]:
+        """Run the networks on RGB uint8 images: proposals and pooled features per image.
+
+        The encoder runs first; with ``proposal.prompt_similarity`` only the prompts whose patch feature is
+        that close to a class prototype are decoded (:mod:`refseg.method.prompt_selection`).
+        ``with_prompt_similarities``: also give each candidate's prompt similarities (the proposer must
+        have prompt points), as prompt selection does.
+        """
         if not images:
             return []
         cfg = self.config
         s = cfg.proposal.image_size
         squares = torch.stack([squash_to_square(im, s) for im in images])  # [B, 3, S, S]
         with torch.inference_mode():
-            with autocast(self.proposer.device, cfg.precision):
-                proposals = self.proposer.propose(squares.to(self.proposer.device))
             enc_in = resize_for_encoder(squares.to(self.encoder.device), self.encoder.input_size)
             with autocast(self.encoder.device, cfg.precision):
                 patch_features = self.encoder.encode(enc_in).float()  # [B, g, g, D]
+            similarities, prompt_mask = None, None
+            if self._prompt_threshold is not None or with_prompt_similarities:
+                similarities = self.prompt_similarities(patch_features)  # [B, P]
+            if self._prompt_threshold is not None:
+                prompt_mask = similarities >= self._prompt_threshold
+            with autocast(self.proposer.device, cfg.precision):
+                squares = squares.to(self.proposer.device)
+                proposals = (self.proposer.propose(squares) if prompt_mask is None
+                             else self.proposer.propose(squares, prompt_mask=prompt_mask))
             out = []
-            for im, props, feats in zip(images, proposals, patch_features):
+            for b, (im, props, feats) in enumerate(zip(images, proposals, patch_features)):
                 logits = props.logits.float()
                 masks = logits > cfg.match.mask_threshold
                 features, valid = pool_features(masks.to(feats.device), feats)
                 valid = valid.to(logits.device)
+                index = None if props.prompt_index is None else props.prompt_index[valid.to(props.prompt_index.device)]
                 out.append(Candidates(logits[valid], props.pred_iou.float()[valid], features[valid.to(features.device)],
-                                      (int(im.shape[0]), int(im.shape[1]))))
+                                      (int(im.shape[0]), int(im.shape[1])), index,
+                                      None if similarities is None else similarities[b]))
         return out
+
+    def prompt_similarities(self, patch_features: torch.Tensor) -> torch.Tensor:
+        """``[B, P]`` per prompt of the proposer, the highest cosine of the patch feature under it (``[B, g, g, D]``
+        from the encoder) to a class prototype of the bank."""
+        if getattr(self.proposer, "prompt_points", None) is None:
+            raise PromptSelectionError(f"{type(self.proposer).__name__} has no prompt points to select")
+        patches = point_patches(self.proposer.prompt_points.cpu(), self.config.proposal.image_size,
+                                self.encoder.input_size, self.encoder.patch_size)
+        return prompt_similarities(patch_features, self._prototypes, patches)
 
     # ------------------------------------------------------------------ stage 2
     def label(self, cand: Candidates) -> Detections:

@@ -154,6 +154,36 @@ def point_grid(points_per_side: int, image_size: int) -> torch.Tensor:
     return torch.stack([xs, ys], dim=1)
 
 
+def prompt_batches(n_prompts: int, step: int, keep: torch.Tensor | None = None) -> list[tuple[torch.Tensor, int]]:
+    """The decoder batches of one image: ``(prompt indices [n], real)`` pairs; the first ``real`` are decoded
+    for their output, the rest repeat the last one to fill the batch (their outputs are dropped).
+
+    Without ``keep`` (``[P]`` bool): the grid in order, ``step`` prompts per batch (the last one shorter),
+    as the paper decodes them. With ``keep``: the kept prompts in grid order, each decoded in a batch of
+    the size its paper batch has, so that its output is bit-identical to the paper's: a prompt's SAM2
+    output does not depend on the other prompts of its batch or on its place in it, but it does depend on
+    the batch size (BLAS picks its kernels by matrix shape: on a CPU, batches of 1, 2, 3, 5... prompts
+    differ from a batch of 64 in the last bits). So the kept prompts of the full paper batches are packed
+    into batches of ``step``, those of the last, shorter paper batch into one batch of its size, and a
+    packed batch short of its size is filled up: the saving comes in steps of ``step`` prompts.
+    """
+    order = torch.arange(n_prompts)
+    if keep is None:
+        return [(order[s : s + step], min(step, n_prompts - s)) for s in range(0, n_prompts, step)]
+    keep = torch.as_tensor(keep, dtype=torch.bool).reshape(-1)
+    full = (n_prompts // step) * step  # prompts in full paper batches
+    groups = [(order[:full][keep[:full]], step), (order[full:][keep[full:]], n_prompts - full)]
+    batches = []
+    for kept, size in groups:
+        if size == 0:  # no shorter last batch: the prompts are a multiple of step
+            continue
+        for s in range(0, kept.numel(), size):
+            chunk = kept[s : s + size]
+            pad = chunk[-1:].expand(size - chunk.numel())
+            batches.append((torch.cat([chunk, pad]), int(chunk.numel())))
+    return batches
+
+
 class SAM2ProposalGenerator:
     """Class-agnostic mask proposals from SAM 2 prompted with a regular point grid.
 
@@ -219,7 +249,8 @@ class SAM2ProposalGenerator:
             "name": self.name,
             "image_size": self.image_size,
             "mask_size": self.mask_size,
-            "proposal": dataclasses.asdict(self.config),
+            # prompt selection is the pipeline's (a prompt_mask per call): not part of the proposer's identity
+            "proposal": {k: v for k, v in dataclasses.asdict(self.config).items() if k != "prompt_similarity"},
             "weights": self._fingerprint,
         }
 
@@ -262,57 +293,79 @@ class SAM2ProposalGenerator:
 
     # ------------------------------------------------------------------ interface
 
+    @property
+    def prompt_points(self) -> torch.Tensor:
+        """The grid prompts ``[P, 2]`` (x, y) in pixels of the S x S frame (see :func:`point_grid`)."""
+        return self._points
+
     @torch.no_grad()
-    def propose(self, images: torch.Tensor) -> list[Proposals]:
-        """Proposals for each image of ``[B, 3, S, S]`` in [0, 1] (S = ``config.image_size``)."""
+    def propose(self, images: torch.Tensor, prompt_mask: torch.Tensor | None = None) -> list[Proposals]:
+        """Proposals for each image of ``[B, 3, S, S]`` in [0, 1] (S = ``config.image_size``).
+
+        ``prompt_mask`` ``[B, P]`` bool: decode only those prompts of each image (None: all). A decoded
+        prompt's output is bit-identical to its output without the mask, because it is decoded in a
+        batch of the size it has without the mask (see :func:`prompt_batches`). Each proposal reports
+        its prompt (``Proposals.prompt_index``).
+        """
         images = self._check_images(images)
         if images.shape[0] == 0:
             return []
-        if self._fast is not None:
-            return self._propose_fast(images)
-        embeds, high_res = self._encode(images)
-        coords = self._points[:, None, :]  # [P, 1, 2]: one positive point per prompt
-        labels = torch.ones(coords.shape[:2], dtype=torch.int32, device=self.device)  # [P, 1]
-        step = max(1, int(self.config.prompt_batch_size))
-        out = []
-        for b in range(images.shape[0]):
-            embed = embeds[b : b + 1]
-            feats = [f[b : b + 1] for f in high_res]
-            kept_logits, kept_iou = [], []
-            for start in range(0, coords.shape[0], step):
-                logits, iou = self._decode(embed, feats, coords[start : start + step], labels[start : start + step])
-                keep = iou > self.config.pred_iou_threshold
-                kept_logits.append(logits[keep])
-                kept_iou.append(iou[keep])
-            out.append(Proposals(logits=torch.cat(kept_logits), pred_iou=torch.cat(kept_iou)))
-        return out
-
-    def _propose_fast(self, images: torch.Tensor) -> list[Proposals]:
-        """``propose`` through :class:`~refseg.models.sam2_fast_decoder.FastMaskDecoder`.
-
-        The same proposals as the paper path up to rounding: image-side decoder work once per
-        image, and no host-device synchronisation inside the prompt loop (logits and IoU stay on
-        the device; the threshold is one boolean index per image, after all prompt batches).
-        """
-        embeds, high_res = self._encode(images)
         n_prompts = self._points.shape[0]
+        if prompt_mask is not None:
+            prompt_mask = torch.as_tensor(prompt_mask, dtype=torch.bool)
+            if tuple(prompt_mask.shape) != (images.shape[0], n_prompts):
+                raise ValueError(f"expected prompt_mask [{images.shape[0]}, {n_prompts}] bool, "
+                                 f"got {tuple(prompt_mask.shape)}")
+            prompt_mask = prompt_mask.cpu()
+        embeds, high_res = self._encode(images)
         coords = self._points[:, None, :]  # [P, 1, 2]: one positive point per prompt
         labels = torch.ones(coords.shape[:2], dtype=torch.int32, device=self.device)  # [P, 1]
-        with torch.autocast(self.device.type, enabled=False):  # positional encodings in fp32
-            sparse, _ = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)  # [P, 2, C]
         step = max(1, int(self.config.prompt_batch_size))
-        size = self.mask_size
+        if self._fast is not None:
+            with torch.autocast(self.device.type, enabled=False):  # positional encodings in fp32
+                sparse, _ = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         out = []
         for b in range(images.shape[0]):
-            ctx = self._fast.prepare(embeds[b : b + 1], [f[b : b + 1] for f in high_res])
-            logits = torch.empty(n_prompts, size, size, dtype=torch.float32, device=self.device)
-            iou = torch.empty(n_prompts, dtype=torch.float32, device=self.device)
-            for start in range(0, n_prompts, step):
-                logits[start : start + step], iou[start : start + step] = self._fast.decode(
-                    ctx, sparse[start : start + step])
-            keep = torch.nonzero(iou > self.config.pred_iou_threshold).squeeze(1)  # the one sync per image
-            out.append(Proposals(logits=logits.index_select(0, keep), pred_iou=iou.index_select(0, keep)))
+            batches = prompt_batches(n_prompts, step, None if prompt_mask is None else prompt_mask[b])
+            if self._fast is not None:
+                ctx = self._fast.prepare(embeds[b : b + 1], [f[b : b + 1] for f in high_res])
+                out.append(self._decode_batches(batches, lambda idx: self._fast.decode(ctx, sparse[idx]), sync=False))
+            else:
+                embed, feats = embeds[b : b + 1], [f[b : b + 1] for f in high_res]
+                out.append(self._decode_batches(
+                    batches, lambda idx: self._decode(embed, feats, coords[idx], labels[idx]), sync=True))
         return out
+
+    def _decode_batches(self, batches: list[tuple[torch.Tensor, int]], decode, sync: bool) -> Proposals:
+        """Decode ``batches`` (:func:`prompt_batches`) with ``decode(index) -> (logits, iou)`` and keep the
+        real prompts' proposals above the IoU threshold.
+
+        ``sync``: threshold each batch as it comes (the paper path); else (the fast decoder) fill logits and
+        IoU on the device and threshold once per image, the one host-device synchronisation.
+        """
+        threshold, size = self.config.pred_iou_threshold, self.mask_size
+        if not batches:  # every prompt skipped
+            return Proposals(torch.zeros(0, size, size, device=self.device), torch.zeros(0, device=self.device),
+                             torch.zeros(0, dtype=torch.int64, device=self.device))
+        if sync:
+            logits_parts, iou_parts, index_parts = [], [], []
+            for idx, real in batches:
+                logits, iou = decode(idx.to(self.device))
+                keep = iou[:real] > threshold
+                logits_parts.append(logits[:real][keep])
+                iou_parts.append(iou[:real][keep])
+                index_parts.append(idx[:real].to(self.device)[keep])
+            return Proposals(torch.cat(logits_parts), torch.cat(iou_parts), torch.cat(index_parts))
+        index = torch.cat([idx[:real] for idx, real in batches]).to(self.device)
+        logits = torch.empty(index.numel(), size, size, dtype=torch.float32, device=self.device)
+        iou = torch.empty(index.numel(), dtype=torch.float32, device=self.device)
+        start = 0
+        for idx, real in batches:
+            batch_logits, batch_iou = decode(idx.to(self.device))
+            logits[start : start + real], iou[start : start + real] = batch_logits[:real], batch_iou[:real]
+            start += real
+        keep = torch.nonzero(iou > threshold).squeeze(1)  # the one sync per image
+        return Proposals(logits.index_select(0, keep), iou.index_select(0, keep), index.index_select(0, keep))
 
     @torch.no_grad()
     def masks_from_boxes(self, image: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
