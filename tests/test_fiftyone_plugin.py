@@ -37,7 +37,7 @@ from conftest import clear_queued_operations  # noqa: E402
 
 PLUGIN = "@refseg/refseg"
 OPERATORS = ("build_memory_bank", "auto_label", "boxes_to_masks", "evaluate_auto_labels", "export_coco",
-             "update_memory_bank_from_review")
+             "update_memory_bank_from_review", "find_corrections", "remask_boxes")
 TOY = dict(proposer="refseg.testing:ColorRegionProposer", encoder="refseg.testing:ColorEncoder",
            overrides="proposal.image_size=256", encoder_input_size=224, device="cpu")
 

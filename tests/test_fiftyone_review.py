@@ -154,3 +154,17 @@ def test_merge_with_review_counts():
     merged, counts = review.merge_with_review(old, new, 100, 100)
     assert counts == {"kept": 1, "new": 2, "dropped": 1}
     assert merged[0] is old[0] and merged[1] is new[1] and merged[2] is new[2]
+
+
+def test_operators_find_corrections_and_remask_selected_labels(labelled):
+    sample = _busy_sample(labelled)
+    det = sample.refseg.detections[0]
+    _shift_box(det, -0.01)
+    sample.save()
+    found = op("find_corrections")(labelled)
+    assert (found["num_edited"], found["num_added"]) == (1, 0) and "1 edited" in found["summary"]
+    other = sample.refseg.detections[2]
+    remasked = op("remask_boxes")(labelled, only="selected", label_ids=[other.id])
+    assert remasked["num_masks"] == 1
+    sample.reload()
+    assert [d.id for d in sample.refseg.detections if "corrected" in d.tags] == [det.id, other.id]
