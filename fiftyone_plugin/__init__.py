@@ -24,7 +24,7 @@ import fiftyone.operators.types as types
 from refseg.method.config import PRESETS
 from refseg.models.registry import encoder_names
 from refseg.models.sam2_proposer import SAM2_VARIANTS
-from refseg_fiftyone import core, fiftyone_access
+from refseg_fiftyone import core, fiftyone_access, review
 
 from .panel import RefsegPanel
 
@@ -791,8 +791,87 @@ class CalibrateThresholds(_RefsegOperator):
         return report
 
 
+class FindCorrections(_RefsegOperator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="find_corrections",
+            label="refseg: find corrections",
+            description="Tag 'corrected' the auto-labels a person edited (label, box, mask) or added",
+            dynamic=True,
+            allow_delegated_execution=True,
+        )
+
+    def __call__(self, sample_collection, label_field=core.DEFAULT_OUTPUT_FIELD,
+                 corrected_tag=review.DEFAULT_CORRECTED_TAG, delegate=False):
+        """Tag the edited or added detections of ``label_field``; returns the counts."""
+        return _call(self, sample_collection, dict(label_field=label_field, corrected_tag=corrected_tag), delegate)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        _scope_input(ctx, inputs, "Samples whose labels are checked")
+        _field_input(ctx, inputs, "label_field", "Labels", "Auto-labels reviewed in the App",
+                     default=core.DEFAULT_OUTPUT_FIELD, required=False)
+        inputs.str("corrected_tag", default=review.DEFAULT_CORRECTED_TAG, label="Corrected tag")
+        _delegate_input(ctx, inputs, False)
+        return types.Property(inputs, view=types.View(label="refseg: find corrections"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        report = review.find_corrections(_scope_view(ctx), p.get("label_field") or core.DEFAULT_OUTPUT_FIELD,
+                                         p.get("corrected_tag") or review.DEFAULT_CORRECTED_TAG)
+        report["summary"] = (f"{report['num_edited']} edited and {report['num_added']} added label(s) tagged "
+                             f"**{report['tag']}** ({report['num_already']} tagged before)")
+        return report
+
+
+class RemaskBoxes(_RefsegOperator):
+    @property
+    def config(self):
+        return foo.OperatorConfig(
+            name="remask_boxes",
+            label="refseg: new masks for corrected boxes",
+            description="A new mask from the proposal model's box prompt for corrected or selected labels",
+            dynamic=True,
+            allow_delegated_execution=True,
+        )
+
+    def __call__(self, sample_collection, label_field=core.DEFAULT_OUTPUT_FIELD, only="corrected", label_ids=None,
+                 bank_name=core.DEFAULT_BANK, device=None, delegate=False):
+        """Remask the corrected (or, ``only="selected"``, the ``label_ids``) detections of ``label_field``."""
+        return _call(self, sample_collection, dict(label_field=label_field, only=only, label_ids=label_ids,
+                                                   bank_name=bank_name, device=device), delegate)
+
+    def resolve_input(self, ctx):
+        inputs = types.Object()
+        _scope_input(ctx, inputs, "Samples whose labels get new masks")
+        _field_input(ctx, inputs, "label_field", "Labels", "Detections whose boxes are prompted",
+                     default=core.DEFAULT_OUTPUT_FIELD, required=False)
+        choices = types.RadioGroup()
+        choices.add_choice("corrected", label="Corrected labels (edited, added or tagged 'corrected')")
+        choices.add_choice("selected", label=f"Selected labels ({len(ctx.selected_labels or [])})")
+        inputs.enum("only", choices.values(), default="selected" if ctx.selected_labels else "corrected",
+                    label="Labels", view=choices)
+        _bank_input(ctx, inputs)
+        _device_input(ctx, inputs)
+        _delegate_input(ctx, inputs, False)
+        return types.Property(inputs, view=types.View(label="refseg: new masks for corrected boxes"))
+
+    def execute(self, ctx):
+        p = ctx.params
+        label_ids = p.get("label_ids")
+        if label_ids is None and p.get("only") == "selected":
+            label_ids = [s["label_id"] for s in (ctx.selected_labels or [])]
+        report = review.remask_boxes(_scope_view(ctx), label_field=p.get("label_field") or core.DEFAULT_OUTPUT_FIELD,
+                                     only=p.get("only") or "corrected", label_ids=label_ids,
+                                     bank_name=p.get("bank_name") or None, device=p.get("device"))
+        report["summary"] = (f"{report['num_masks']} new mask(s)"
+                             + (f", {report['num_empty']} box(es) without a mask" if report["num_empty"] else ""))
+        return report
+
+
 OPERATORS = (BuildMemoryBank, AutoLabel, BoxesToMasks, EvaluateAutoLabels, ExportCoco, UpdateMemoryBankFromReview,
-             CalibrateThresholds)
+             CalibrateThresholds, FindCorrections, RemaskBoxes)
 
 
 def register(p):

@@ -37,7 +37,6 @@ from typing import Any, Callable, Generator, Iterable
 import numpy as np
 
 import fiftyone as fo
-import numpy as np
 import fiftyone.core.utils as fou
 from fiftyone import ViewField as F
 
@@ -563,19 +562,21 @@ def calibrate_thresholds(samples, *, bank_name: str = DEFAULT_BANK, label_field:
 def update_memory_bank_from_review(samples, *, bank_name: str = DEFAULT_BANK,
                                    pred_field: str = DEFAULT_OUTPUT_FIELD, rejected_tag: str = DEFAULT_REJECTED_TAG,
                                    accepted_tag: str = DEFAULT_ACCEPTED_TAG, device: str | None = None,
-                                   batch_size: int = DEFAULT_BANK_BATCH_SIZE) -> dict:
+                                   batch_size: int = DEFAULT_BANK_BATCH_SIZE, corrected_tag: str | None = None) -> dict:
     """Fold reviewed predictions back into a bank.
 
     Predictions in ``pred_field`` whose label tags include ``rejected_tag`` become
     negative references of their predicted class (a later proposal closer to one
     of them than to the class prototype is dropped); those tagged ``accepted_tag``
     become ordinary references. A prediction already in the bank (same label id)
-    is not added twice. Re-run :func:`auto_label` afterwards: the bank's digest
+    is not added twice. With ``corrected_tag`` (e.g. ``"corrected"``, see
+    :func:`refseg_fiftyone.review.find_corrections`), detections a person corrected or
+    added count as accepted: their (corrected) mask and box become the reference. Re-run :func:`auto_label` afterwards: the bank's digest
     changes, so every target is labelled again with the new bank.
     """
     dataset = _dataset_of(samples)
     check_detections_field(samples, pred_field, "prediction")
-    tags = [t for t in (rejected_tag, accepted_tag) if t]
+    tags = [t for t in (rejected_tag, accepted_tag, corrected_tag) if t]
     if not tags:
         raise ValueError("give the tag of rejected and/or accepted predictions")
     bank, record = load_bank(dataset, bank_name)
@@ -595,14 +596,17 @@ def update_memory_bank_from_review(samples, *, bank_name: str = DEFAULT_BANK,
         tags_by_id = {d.id: d.tags for d in sample[pred_field].detections}
         for ref in _references_of(sample, image, pred_field, None, builder):
             tags_of = tags_by_id[ref.source["label_id"]]
-            is_rejected, is_accepted = rejected_tag in tags_of, accepted_tag in tags_of
+            is_rejected = rejected_tag in tags_of
+            is_accepted = accepted_tag in tags_of or (bool(corrected_tag) and corrected_tag in tags_of
+                                                      and not is_rejected)
             if is_rejected and is_accepted:
                 builder.skip(ref.source, ref.class_name, "tagged both rejected and accepted")
                 continue
             if bank.find(label_id=ref.source["label_id"]):
                 already += 1
                 continue
-            ref.source["review"] = rejected_tag if is_rejected else accepted_tag
+            ref.source["review"] = rejected_tag if is_rejected else (
+                accepted_tag if accepted_tag in tags_of else corrected_tag)
             builder.add(ref, negative=is_rejected)
     bank, report = builder.finish()
     counts = {"negative": report.negatives, "positive": report.used}
@@ -864,8 +868,14 @@ class _SampleSink:
         return sample.filepath
 
     def write(self, batch, labelled, failed) -> None:
+        from .review import merge_with_review, stamp  # review builds on this module
+
         for sample, dets in labelled:
             labels = to_fiftyone_detections(dets, **{RUN_ATTR: self.key, BANK_ATTR: self.bank_name})
+            stamp(labels.detections)  # a person's later edit is recognised by its changed fingerprint
+            old = sample[self.label_field]
+            if old is not None and old.detections:  # corrections and review decisions survive the re-label
+                labels.detections, _ = merge_with_review(old.detections, labels.detections, *dets.compact.shape)
             _write_labels(sample, self.label_field, labels)
             self.instances += len(labels.detections)
         self.failed.extend({"sample_id": sample.id, "filepath": sample.filepath, "error": error}

@@ -37,7 +37,7 @@ from conftest import clear_queued_operations  # noqa: E402
 
 PLUGIN = "@refseg/refseg"
 OPERATORS = ("build_memory_bank", "auto_label", "boxes_to_masks", "evaluate_auto_labels", "export_coco",
-             "update_memory_bank_from_review", "calibrate_thresholds")
+             "update_memory_bank_from_review", "calibrate_thresholds", "find_corrections", "remask_boxes")
 TOY = dict(proposer="refseg.testing:ColorRegionProposer", encoder="refseg.testing:ColorEncoder",
            overrides="proposal.image_size=256", encoder_input_size=224, device="cpu")
 
@@ -447,20 +447,22 @@ def test_review_loop_rejected_prediction_vetoes_the_false_positives(dataset, tmp
     n_red = len(red_tp)
 
     # the user rejects one of them in the App (a label tag); the bank learns a negative of 'red'
-    dataset.select_labels(ids=[yellow_fp[0].id]).tag_labels("rejected")
+    rejected_id = yellow_fp[0].id
+    dataset.select_labels(ids=[rejected_id]).tag_labels("rejected")
     update = op("update_memory_bank_from_review")(dataset, bank_name="review")
     assert update["negatives_added"] == [{"class": "red", "count": 1}] and update["references_added"] == []
     assert dataset.info["refseg_banks"]["review"]["counts"] == [{"class": "red", "references": 2, "negatives": 1}]
     assert op("update_memory_bank_from_review")(dataset, bank_name="review")["already_in_bank"] == 1
 
     # the bank changed, so the same auto_label call labels every target again, from the cached proposals
-    # (no network): all yellow false positives are gone (one negative vetoes them all), every red true
+    # (no network): all other yellow false positives are gone (one negative vetoes them all), the rejected
+    # one stays as the reviewer left it (tagged, refseg_fiftyone.review.merge_with_review), every red true
     # positive remains
     report = op("auto_label")(targets, bank_name="review", score_threshold=0.5, cache_candidates=True)
     assert report["num_labelled"] == n_targets
     assert report["cache"]["hits"] == n_targets and report["cache"]["misses"] == 0
     yellow_fp, red_tp = tally()
-    assert yellow_fp == [] and len(red_tp) == n_red
+    assert [(d.id, d.tags) for d in yellow_fp] == [(rejected_id, ["rejected"])] and len(red_tp) == n_red
 
     # the cache changes nothing in the labels
     cached = {s.id: [(d.label, d.confidence, d.bounding_box) for d in s.refseg.detections] for s in targets}
@@ -476,7 +478,7 @@ def test_review_loop_rejected_prediction_vetoes_the_false_positives(dataset, tmp
     assert update["references_added"] == [{"class": "red", "count": 1}]
     op("auto_label")(targets, bank_name="review", score_threshold=0.5)
     yellow_fp, red_tp = tally()
-    assert yellow_fp == [] and len(red_tp) == n_red
+    assert [d.id for d in yellow_fp] == [rejected_id] and len(red_tp) == n_red
 
 
 def test_box_only_annotations(dataset):
