@@ -298,3 +298,11 @@ def coco_bank(coco, image_dir: str | Path, image_ids, encoder, proposer, config)
 
     refs = coco_references(coco, image_dir, image_ids)
     return ReferenceEncoder(encoder, config.reference, proposer, config.proposal.image_size).build_bank(refs)[0]
+
+
+def make_train_val(root: str | Path, n_train: int, n_val: int) -> tuple[Path, Path, Path, Path]:
+    """Two :func:`make_synthetic_coco` sets under ``root``: ``train`` (seed 1, where references come from) and
+    ``val`` (seed 2, the targets). Returns (train images, train json, val images, val json)."""
+    train_images, train_json = make_synthetic_coco(Path(root) / "train", n_images=n_train, seed=1)
+    val_images, val_json = make_synthetic_coco(Path(root) / "val", n_images=n_val, seed=2)
+    return train_images, train_json, val_images, val_json

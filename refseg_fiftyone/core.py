@@ -923,6 +923,31 @@ def auto_label(samples, progress: Callable[[Progress], None] | None = None, **kw
     return exhaust(iter_auto_label(samples, **kwargs), progress)
 
 
+def prompt_masks(proposer, image, detections, config) -> tuple[list, int]:
+    """Give each detection a mask from the proposer's prompt with its box (one proposer call for all of
+    them), cropped to the box as FiftyOne stores masks. Returns the detections that got a mask and how many
+    did not (a box too small or outside the image, or an empty mask)."""
+    h, w = image.shape[:2]
+    prompted, empty = [], 0
+    for det in detections:
+        x1, y1, x2, y2 = box_to_pixels(det.bounding_box, h, w)
+        if x2 <= x1 or y2 <= y1 or box_problem(detection_box_pixels(det, h, w), h, w) is not None:
+            empty += 1
+        else:
+            prompted.append(det)
+    masks = masks_from_boxes(proposer, image, [detection_box_pixels(d, h, w) for d in prompted],
+                             config.proposal.image_size, config.precision)
+    masked = []
+    for det, full in zip(prompted, masks):
+        crop = mask_to_crop(full, det.bounding_box)
+        if not crop.any():
+            empty += 1
+            continue
+        det.mask, det.mask_path = crop, None
+        masked.append(det)
+    return masked, empty
+
+
 def iter_boxes_to_masks(samples, *, label_field: str, out_field: str | None = None, models: RunSpec | None = None,
                         device: str | None = None, overwrite: bool = False) -> Generator[Progress, None, dict]:
     """Give box-only detections of ``label_field`` a mask from the proposer's box prompt.
@@ -957,27 +982,10 @@ def iter_boxes_to_masks(samples, *, label_field: str, out_field: str | None = No
             continue
         h, w = image.shape[:2]
         labels = sample[label_field].copy() if out_field != label_field else sample[label_field]
-        prompted = []
-        for det in labels.detections:
-            if det.has_mask and not overwrite:
-                continue
-            if det.bounding_box is None:
-                continue
-            x1, y1, x2, y2 = box_to_pixels(det.bounding_box, h, w)
-            if x2 <= x1 or y2 <= y1 or box_problem(detection_box_pixels(det, h, w), h, w) is not None:
-                empty += 1
-                continue
-            prompted.append(det)
-        # one proposer call per image for all its boxes
-        masks = masks_from_boxes(proposer, image, [detection_box_pixels(d, h, w) for d in prompted],
-                                 config.proposal.image_size, config.precision)
-        for det, full in zip(prompted, masks):
-            crop = mask_to_crop(full, det.bounding_box)
-            if not crop.any():
-                empty += 1
-                continue
-            det.mask, det.mask_path = crop, None
-            converted += 1
+        wanted = [d for d in labels.detections if (overwrite or not d.has_mask) and d.bounding_box is not None]
+        masked, unmasked = prompt_masks(proposer, image, wanted, config)
+        converted += len(masked)
+        empty += unmasked
         _write_labels(sample, out_field, labels)
         yield Progress(i, total, f"{i}/{total} samples")
     return {"label_field": label_field, "out_field": out_field, "num_samples": total, "num_masks": converted,

@@ -21,11 +21,10 @@ import fiftyone as fo
 
 import refseg
 from refseg import ImageLoadError
-from refseg.method.references import box_problem, masks_from_boxes
 from refseg.runtime.run_spec import RunSpec
 
 from . import core
-from .convert import box_to_pixels, detection_box_pixels, detection_mask, mask_to_crop
+from .convert import box_to_pixels, detection_mask
 
 FINGERPRINT_ATTR = "refseg_fp"  # on each detection refseg wrote: fingerprint() at writing time
 DEFAULT_CORRECTED_TAG = "corrected"
@@ -128,25 +127,12 @@ def iter_remask_boxes(samples, *, label_field: str = core.DEFAULT_OUTPUT_FIELD, 
         except ImageLoadError as exc:
             failed.append({"sample_id": sample.id, "filepath": sample.filepath, "error": str(exc)})
             continue
-        h, w = image.shape[:2]
-        prompted = []
-        for det in chosen:
-            x1, y1, x2, y2 = box_to_pixels(det.bounding_box, h, w)
-            if x2 <= x1 or y2 <= y1 or box_problem(detection_box_pixels(det, h, w), h, w) is not None:
-                empty += 1
-            else:
-                prompted.append(det)
-        masks = masks_from_boxes(proposer, image, [detection_box_pixels(d, h, w) for d in prompted],
-                                 config.proposal.image_size, config.precision)
-        for det, full in zip(prompted, masks):
-            crop = mask_to_crop(full, det.bounding_box)
-            if not crop.any():
-                empty += 1
-                continue
-            det.mask, det.mask_path = crop, None
+        masked, unmasked = core.prompt_masks(proposer, image, chosen, config)
+        for det in masked:
             if corrected_tag not in (det.tags or []):
                 det.tags = [*(det.tags or []), corrected_tag]
-            remasked += 1
+        remasked += len(masked)
+        empty += unmasked
         yield core.Progress(i, total, f"{i}/{total} samples")
     return {"label_field": label_field, "only": only, "num_masks": remasked, "num_empty": empty,
             "num_failed": len(failed), "failed": failed[:core.MAX_REPORTED]}

@@ -18,7 +18,7 @@ from PIL import Image
 
 from refseg import MemoryBank
 from refseg.cli import main
-from refseg.testing import ColorRegionProposer, make_synthetic_coco
+from refseg.testing import ColorRegionProposer, make_train_val
 
 TOY = ["--encoder", "refseg.testing:ColorEncoder", "--device", "cpu", "--set", "proposal.image_size=256"]
 PROPOSER = ["--proposer", "refseg.testing:ColorRegionProposer"]
@@ -41,8 +41,7 @@ def proposed(path: Path) -> int:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    train_images, train_json = make_synthetic_coco(root / "train", n_images=8, seed=1)
-    val_images, val_json = make_synthetic_coco(root / "val", n_images=6, seed=2)
+    train_images, train_json, val_images, val_json = make_train_val(root, 8, 6)
     return {"root": root, "train_images": train_images, "train_json": train_json, "val_images": val_images,
             "val_json": val_json}
 

@@ -38,6 +38,9 @@ from conftest import clear_queued_operations  # noqa: E402
 PLUGIN = "@refseg/refseg"
 OPERATORS = ("build_memory_bank", "auto_label", "boxes_to_masks", "evaluate_auto_labels", "export_coco",
              "update_memory_bank_from_review", "calibrate_thresholds", "find_corrections", "remask_boxes")
+# the real architectures, smallest and fast: random weights, 256 px, a 4 x 4 prompt grid
+REAL_SMALL = dict(proposer="sam2.1_hiera_t", encoder="dinov2_vits14", encoder_input_size=224, device="cpu",
+                  overrides="proposal.image_size=256, proposal.points_per_side=4", random_init=True)
 TOY = dict(proposer="refseg.testing:ColorRegionProposer", encoder="refseg.testing:ColorEncoder",
            overrides="proposal.image_size=256", encoder_input_size=224, device="cpu")
 
@@ -613,8 +616,7 @@ def test_fiftyone_delegated_launch_worker_runs_the_job(dataset):
 def test_workflow_with_random_weight_sam2_tiny_and_dinov2_small(tmp_path):
     dataset = make_dataset(tmp_path / "images", n_images=6, n_references=2, height=128, width=160)
     try:
-        models = dict(proposer="sam2.1_hiera_t", encoder="dinov2_vits14", encoder_input_size=224, device="cpu",
-                      overrides="proposal.image_size=256, proposal.points_per_side=4", random_init=True)
+        models = REAL_SMALL
         bank = op("build_memory_bank")(dataset, label_field="ground_truth", bank_name="real", **models)
         assert bank["num_references"] > 0
         record = dataset.info["refseg_banks"]["real"]

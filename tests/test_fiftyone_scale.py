@@ -27,7 +27,7 @@ import refseg_fiftyone.core  # noqa: E402
 from fiftyone.operators.delegated import DelegatedOperationService  # noqa: E402
 from fiftyone.operators.executor import ExecutionContext, ExecutionError, Executor  # noqa: E402
 
-from test_fiftyone_plugin import build_toy_bank, make_dataset, op, run_queued  # noqa: E402
+from test_fiftyone_plugin import REAL_SMALL, build_toy_bank, make_dataset, op, run_queued  # noqa: E402
 from conftest import clear_queued_operations  # noqa: E402
 
 
@@ -291,8 +291,7 @@ def test_two_devices_build_the_random_weight_networks_of_the_bank(tmp_path):
     """With random weights (no checkpoint) each device worker must build the networks the bank was built with."""
     dataset = make_dataset(tmp_path / "images", n_images=4, n_references=2, height=128, width=160)
     try:
-        models = dict(proposer="sam2.1_hiera_t", encoder="dinov2_vits14", encoder_input_size=224, device="cpu",
-                      overrides="proposal.image_size=256, proposal.points_per_side=4", random_init=True)
+        models = REAL_SMALL
         op("build_memory_bank")(dataset, label_field="ground_truth", bank_name="real", **models)
         single = op("auto_label")(dataset, bank_name="real", label_field="single", device="cpu", delegate=False)
         pooled = op("auto_label")(dataset, bank_name="real", label_field="pooled", devices="cpu,cpu",

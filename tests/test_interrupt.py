@@ -16,7 +16,7 @@ from refseg import PAPER, Segmenter
 from refseg.cli import main
 from refseg.runtime.labelling import LabelStats, batched, label_stream
 from refseg.runtime.predict_job import OutputLocked, lock_output, run_prediction, sidecar_path
-from refseg.testing import ColorEncoder, ColorRegionProposer, make_synthetic_coco
+from refseg.testing import ColorEncoder, ColorRegionProposer, make_train_val
 
 TOY = ["--encoder", "refseg.testing:ColorEncoder", "--device", "cpu", "--set", "proposal.image_size=256",
        "--proposer", "refseg.testing:ColorRegionProposer"]
@@ -26,8 +26,7 @@ CFG = PAPER.with_overrides(**{"proposal.image_size": 256})
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("interrupt")
-    train_images, train_json = make_synthetic_coco(root / "train", n_images=3, seed=1)
-    val_images, _ = make_synthetic_coco(root / "val", n_images=6, seed=2)
+    train_images, train_json, val_images, _ = make_train_val(root, 3, 6)
     bank = root / "bank.safetensors"
     assert main(["build-bank", "--references", str(train_json), "--images", str(train_images), "--out", str(bank),
                  *TOY]) == 0

@@ -14,7 +14,7 @@ from refseg.cli import main
 from refseg.method.identity import describe_difference, identity_key
 from refseg.models import load_sam2
 from refseg.models.fingerprint import weights_fingerprint
-from refseg.testing import make_synthetic_coco
+from refseg.testing import make_train_val
 
 SMALL = ["--set", "proposal.image_size=256", "--set", "proposal.points_per_side=4", "--device", "cpu",
          "--encoder", "refseg.testing:ColorEncoder"]
@@ -30,8 +30,7 @@ def _sam2_checkpoint(path, seed: int):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("identity")
-    train_images, train_json = make_synthetic_coco(root / "train", n_images=6, seed=1)
-    val_images, val_json = make_synthetic_coco(root / "val", n_images=4, seed=2)
+    train_images, train_json, val_images, val_json = make_train_val(root, 6, 4)
     refs = root / "refs.json"
     assert main(["sample", "--coco", str(train_json), "--shots", "2", "--out", str(refs)]) == 0
     banks = {}
