@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import sys
+import traceback
 
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
@@ -24,11 +26,10 @@ import fiftyone.operators.types as types
 from refseg.method.config import PRESETS
 from refseg.models.registry import encoder_names
 from refseg.models.sam2_proposer import SAM2_VARIANTS
+from refseg.runtime.run_spec import RunSpecError
 from refseg_fiftyone import core, fiftyone_access, review
 
 from .panel import RefsegPanel
-
-DELEGATE_ABOVE = 8  # runs over more samples than this are delegated unless the caller says otherwise
 
 # the model registries' names (the default first); any import path package.module:Class works too
 PROPOSER_CHOICES = tuple(dict.fromkeys([core.DEFAULT_PROPOSER, *SAM2_VARIANTS]))
@@ -101,8 +102,11 @@ def _field_input(ctx, inputs, name: str, label: str, description: str, default: 
 def _bank_input(ctx, inputs) -> str | None:
     banks = core.list_banks(ctx.dataset) if ctx.dataset is not None else {}
     if not banks:
-        inputs.view("no_bank", types.Warning(label="No memory bank yet",
-                                             description="Run 'Build memory bank' first."))
+        prop = inputs.view("no_bank", types.Warning(label="No memory bank yet",
+                                                    description="Run 'refseg: build memory bank' first."))
+        prop.invalid = True
+        prop.error_message = (f"dataset {getattr(ctx.dataset, 'name', None)!r} has no memory bank: tag a few annotated "
+                              "samples 'reference' and run 'refseg: build memory bank' first")
         return None
     choices = types.DropdownView()
     for name, record in sorted(banks.items()):
@@ -120,48 +124,124 @@ def _bank_input(ctx, inputs) -> str | None:
     return name
 
 
-def _model_inputs(ctx, inputs) -> None:
-    settings = core.default_run_spec(ctx.dataset)
+RANDOM_WEIGHTS_WARNING = ("Random weights: the networks are not trained, so the labels are meaningless. "
+                          "Use this to try the workflow without downloading checkpoints.")
+
+
+def _proposer_inputs(ctx, inputs, settings: core.RunSpec) -> dict:
+    """The proposal model, its checkpoint and the random-weights switch; returns the checkpoint property."""
     proposers = types.AutocompleteView()
     for name in PROPOSER_CHOICES:
         proposers.add_choice(name, label=name)
+    inputs.str("proposer", default=settings.proposer, label="Proposal model",
+               description="SAM2 model name, or an import path package.module:Class", view=proposers)
+    checkpoint = inputs.str("proposer_checkpoint", default=None, label="Proposal model checkpoint",
+                            description="Local weights file (optional; default: cache, downloaded once)")
+    return {"proposer": checkpoint}
+
+
+def _random_init_input(ctx, inputs) -> None:
+    inputs.bool("random_init", default=False, label="Random weights (try the workflow; labels are meaningless)",
+                description="Untrained networks, no checkpoint needed", view=types.CheckboxView())
+    if ctx.params.get("random_init"):
+        inputs.view("random_init_warning", types.Warning(label=RANDOM_WEIGHTS_WARNING))
+
+
+def _model_inputs(ctx, inputs) -> dict:
+    """Models, checkpoints, random weights, preset and overrides; returns the properties that
+    :func:`_check_models` marks invalid."""
+    settings = core.default_run_spec(ctx.dataset)
+    props = _proposer_inputs(ctx, inputs, settings)
     encoders = types.AutocompleteView()
     for name in ENCODER_CHOICES:
         encoders.add_choice(name, label=name)
-    inputs.str("proposer", default=settings.proposer, label="Proposal model",
-               description="SAM2 model name, or an import path package.module:Class", view=proposers)
     inputs.str("encoder", default=settings.encoder, label="Feature encoder",
                description="DINOv2 model name, or an import path package.module:Class", view=encoders)
-    inputs.str("proposer_checkpoint", default=None, label="Proposal model checkpoint",
-               description="Local weights file (optional; default: cache, downloaded once)")
-    inputs.str("encoder_checkpoint", default=None, label="Feature encoder checkpoint",
-               description="Local weights file (optional; default: cache, downloaded once)")
+    props["encoder"] = inputs.str("encoder_checkpoint", default=None, label="Feature encoder checkpoint",
+                                  description="Local weights file (optional; default: cache, downloaded once)")
     inputs.int("encoder_input_size", default=settings.encoder_input_size, min=14, label="Encoder input size",
-               description="In pixels; blank: the encoder's own (518 for DINOv2)")
-    _preset_input(inputs, settings.preset)
+               description="In pixels; blank: the encoder's own (518 for DINOv2); 224 is about 5x quicker")
+    _random_init_input(ctx, inputs)
+    props["overrides"] = _preset_input(inputs, settings.preset)
+    return props
 
 
-def _preset_input(inputs, default: str | None) -> None:
+def _preset_input(inputs, default: str | None):
+    """The preset and the overrides; returns the overrides property."""
     inputs.enum("preset", list(PRESET_CHOICES), default=default or core.DEFAULT_PRESET, label="Settings preset",
                 description="paper: the published method; fast: leaner SAM2 decoder, bf16 and merging on a 256 grid"
                             f" (presets: {', '.join(PRESET_CHOICES)})",
                 view=types.RadioGroup())
-    inputs.str("overrides", default=None, label="Setting overrides",
-               description="e.g. proposal.points_per_side=16, merge.top_k=50")
+    return inputs.str("overrides", default=None, label="Setting overrides",
+                      description="e.g. proposal.points_per_side=16, merge.top_k=50 (a quick CPU run: "
+                                  "proposal.points_per_side=8, proposal.image_size=512)")
 
 
-def _device_input(ctx, inputs) -> None:
-    inputs.str("device", default=core.plugin_settings(ctx.dataset).get("device", core.DEFAULT_DEVICE), label="Device",
-               description="auto, cpu, cuda, cuda:1, mps")
+def _invalid(prop, message: str) -> None:
+    prop.invalid = True
+    prop.error_message = message
 
 
-def _delegate_input(ctx, inputs, default: bool) -> None:
-    inputs.bool("delegate", default=default, label="Delegate execution?",
-                description="Run as a background job (needs a worker: `fiftyone delegated launch`)",
-                view=types.CheckboxView())
-    if ctx.params.get("delegate", default):
-        inputs.view("delegate_notice", types.Notice(
-            label="Delegated: the job is queued and runs when a worker picks it up (`fiftyone delegated launch`)"))
+def _check_models(make_spec, props: dict) -> core.RunSpec | None:
+    """The run specification ``make_spec()`` builds, or None with the property at fault marked invalid: a bad
+    setting override (its name in the message), a checkpoint file that does not exist, a missing checkpoint
+    while offline."""
+    try:
+        spec = make_spec()
+    except RunSpecError as exc:
+        _invalid(props["overrides"], f"{exc} (fix or clear the setting overrides)")
+        return None
+    for role in ("proposer", "encoder"):
+        problem = core.checkpoint_problem(spec, role)
+        if problem and role in props:
+            _invalid(props[role], problem)
+            return None
+    return spec
+
+
+def _device_input(ctx, inputs):
+    """The device field; returns the device it names, or None (the field marked invalid) if it is not usable here."""
+    default = core.plugin_settings(ctx.dataset).get("device", core.DEFAULT_DEVICE)
+    prop = inputs.str("device", default=default, label="Device", description="auto, cpu, cuda, cuda:1, mps")
+    try:
+        return core.resolve_device(ctx.params.get("device") or default, ctx.dataset)
+    except ValueError as exc:
+        _invalid(prop, str(exc))
+        return None
+
+
+def _from_app(ctx) -> bool:
+    """A request of the App (its requests name the operator; ``execute_operator`` from Python does not), not a
+    delegated job being run by a worker."""
+    return "operator_uri" in ctx.request_params and not ctx.delegated
+
+
+def _delegate_input(ctx, inputs, seconds: float | None = None, device=None) -> None:
+    """The delegate switch, defaulting to what :meth:`_RefsegOperator.resolve_delegation` would choose, with the
+    expected run time (``seconds``, None: unknown) and what delegating needs on this App server."""
+    schedulable = core.can_schedule_delegated() or not _from_app(ctx)
+    default = schedulable and seconds is not None and core.expected_too_long(seconds)
+    prop = inputs.bool("delegate", default=default, label="Delegate execution?",
+                       description="Run as a background job (needs a worker: `fiftyone delegated launch`)",
+                       view=types.CheckboxView())
+    timeout = core.operator_timeout()
+    if seconds is not None:
+        text = (f"Expected time: about {core.format_duration(seconds)} on {device or 'this device'} "
+                f"(a run from the App is stopped after {timeout} s, FIFTYONE_OPERATOR_TIMEOUT)")
+        too_long = core.expected_too_long(seconds)
+        inputs.view("expected_time", (types.Warning if too_long else types.Notice)(label=text + (
+            ": delegate it, or choose quicker settings" if too_long else "")))
+    if not ctx.params.get("delegate", default):
+        return
+    if not schedulable:
+        _invalid(prop, "this App server cannot queue background jobs: restart it with "
+                       "FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true in its environment and start a worker "
+                       "(`fiftyone delegated launch`), or untick 'Delegate execution'")
+        return
+    inputs.view("delegate_notice", types.Notice(
+        label="Delegated: Execute queues the job; it runs when a worker picks it up (`fiftyone delegated launch`, "
+              "`fiftyone delegated list` shows it). Its result appears in the dataset's labels (reload the App) "
+              "and, for auto-label, under 'Last run' in this form."))
 
 
 def _model_settings(ctx, base: core.RunSpec) -> core.RunSpec:
@@ -176,16 +256,31 @@ def _progress_to_ctx(ctx):
     return lambda p: ctx.set_progress(progress=p.fraction, label=p[2])
 
 
-def _stream(ctx, generator, summarise):
-    """Generator execution for the App: progress bar updates, then a notification."""
-    while True:
-        try:
-            update = next(generator)
-        except StopIteration as stop:
-            report = stop.value
-            break
-        yield ctx.trigger("set_progress", {"progress": update.fraction, "label": update[2]})
-    yield ctx.trigger("notify", {"message": summarise(report), "variant": "success"})
+# FiftyOne 1.22's App keeps the overlays of a sample it has shown in its sample view: reload_dataset,
+# reload_samples and set_view refresh the grid and the counts, not those (see fiftyone_plugin/README.md)
+STALE_SAMPLE_VIEW = "A sample view opened before this run may still draw its old masks: reload the page (F5)"
+
+
+def _stream(ctx, generator, summarise, what: str = "the run", after_error: str = ""):
+    """Generator execution for the App: progress bar updates, then a notification.
+
+    FiftyOne's generator endpoint ends the response when the generator raises, without a word to the App or to
+    the server log, so an error is caught here: printed with its traceback to the server's stderr and shown as
+    an error notification that says what failed and what to do (``after_error``)."""
+    try:
+        while True:
+            try:
+                update = next(generator)
+            except StopIteration as stop:
+                report = stop.value
+                break
+            yield ctx.trigger("set_progress", {"progress": update.fraction, "label": update[2]})
+    except Exception as exc:
+        print(f"refseg: {what} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        yield ctx.ops.notify(f"refseg: {what} failed: {exc}. {after_error}".strip(), variant="error")
+        yield ctx.trigger("reload_dataset")  # what was saved before the error
+        return
+    yield ctx.ops.notify(f"{summarise(report)}. {STALE_SAMPLE_VIEW}", variant="success")
     yield ctx.trigger("reload_dataset")
 
 
@@ -224,7 +319,7 @@ def _mark_interrupted(ctx) -> None:
 
 
 def _notify(ctx, message: str):
-    yield ctx.trigger("notify", {"message": message, "variant": "success"})
+    yield ctx.ops.notify(message, variant="success")
 
 
 def _summary_output(ctx, label: str):
@@ -244,7 +339,8 @@ def _call(operator, sample_collection, params: dict, delegate: bool):
 
 
 class _RefsegOperator(foo.Operator):
-    """Shared delegation rule: the ``delegate`` parameter if given, else delegate large runs."""
+    """Shared delegation rule: the ``delegate`` parameter if given, else delegate the runs expected to take over
+    half the App's operator timeout (:meth:`_expected_seconds`), where delegated runs can be queued."""
 
     def resolve_delegation(self, ctx):
         delegate = ctx.params.get("delegate")
@@ -253,7 +349,22 @@ class _RefsegOperator(foo.Operator):
         return self._delegate_by_default(ctx)
 
     def _delegate_by_default(self, ctx) -> bool:
-        return False
+        if _from_app(ctx) and not core.can_schedule_delegated():
+            return False
+        seconds = self._expected_seconds(ctx)
+        return seconds is not None and core.expected_too_long(seconds)
+
+    def _expected_seconds(self, ctx) -> float | None:
+        """Expected seconds of this run (None: quick, or not known because the form is not valid)."""
+        return None
+
+    @staticmethod
+    def _estimate(ctx, make_spec, num_images: int, task: str) -> float | None:
+        try:
+            return core.expected_seconds(make_spec(), core.resolve_device(ctx.params.get("device"), ctx.dataset),
+                                         num_images, task)
+        except (ValueError, KeyError):  # a bad setting or device: the form says so
+            return None
 
     def resolve_output(self, ctx):
         return _summary_output(ctx, "Result")
@@ -289,9 +400,10 @@ class BuildMemoryBank(_RefsegOperator):
             proposer_checkpoint=proposer_checkpoint, encoder_checkpoint=encoder_checkpoint, random_init=random_init,
             batch_size=batch_size), delegate)
 
-    def _delegate_by_default(self, ctx):
+    def _expected_seconds(self, ctx):
         tag = ctx.params.get("reference_tag") or core.DEFAULT_REFERENCE_TAG
-        return len(_scope_view(ctx).match_tags(tag)) > DELEGATE_ABOVE
+        return self._estimate(ctx, lambda: _model_settings(ctx, core.default_run_spec(ctx.dataset)),
+                              len(_scope_view(ctx).match_tags(tag)), "bank")
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -319,10 +431,12 @@ class BuildMemoryBank(_RefsegOperator):
             inputs.view("ref_count", types.Notice(label=f"{n_refs} reference sample(s) tagged '{tag}'"))
         inputs.str("bank_name", default=core.DEFAULT_BANK, label="Bank name",
                    description="An existing bank of this name is replaced")
-        _model_inputs(ctx, inputs)
-        _device_input(ctx, inputs)
+        props = _model_inputs(ctx, inputs)
+        spec = _check_models(lambda: _model_settings(ctx, core.default_run_spec(ctx.dataset)), props)
+        device = _device_input(ctx, inputs)
         inputs.int("batch_size", default=core.DEFAULT_BANK_BATCH_SIZE, min=1, label="Batch size")
-        _delegate_input(ctx, inputs, n_refs > DELEGATE_ABOVE)
+        seconds = core.expected_seconds(spec, device, n_refs, "bank") if spec and device else None
+        _delegate_input(ctx, inputs, seconds, device)
         return types.Property(inputs, view=types.View(label="refseg: build memory bank"))
 
     def execute(self, ctx):
@@ -357,7 +471,7 @@ class AutoLabel(_RefsegOperator):
                  reference_tag=None, existing=core.DEFAULT_EXISTING, score_threshold=None, preset=None,
                  overrides=None, batch_size=core.DEFAULT_LABEL_BATCH_SIZE, device=None, cache_candidates=None,
                  num_shards=None, shard_index=None,
-                 devices=None, delegate=False):
+                 devices=None, class_thresholds=False, delegate=False):
         """Label ``sample_collection`` (except the reference samples) into ``label_field`` with a bank.
 
         Returns the run report, or the queued job when ``delegate`` is True.
@@ -372,7 +486,7 @@ class AutoLabel(_RefsegOperator):
             bank_name=bank_name, label_field=label_field, reference_tag=reference_tag, existing=existing,
             score_threshold=score_threshold, preset=preset, overrides=overrides, batch_size=batch_size,
             device=device, cache_candidates=cache_candidates, num_shards=num_shards, shard_index=shard_index,
-            devices=devices), delegate)
+            devices=devices, class_thresholds=class_thresholds), delegate)
 
     def _targets(self, ctx):
         return core._targets(_scope_view(ctx), self._reference_tag(ctx))
@@ -405,8 +519,18 @@ class AutoLabel(_RefsegOperator):
                 "reference_tag", core.DEFAULT_REFERENCE_TAG)
         return tag
 
-    def _delegate_by_default(self, ctx):
-        return len(self._targets(ctx)) > DELEGATE_ABOVE
+    def _spec(self, ctx) -> core.RunSpec:
+        p = ctx.params
+        overrides = core.parse_overrides(p.get("overrides"))
+        if p.get("score_threshold") is not None:
+            overrides += (("merge.score_threshold", float(p["score_threshold"])),)
+        if p.get("class_thresholds"):
+            overrides += (("merge.class_thresholds", True),)
+        return core.run_spec_for_labelling(ctx.dataset, p.get("bank_name") or core.DEFAULT_BANK, p.get("preset"),
+                                           overrides)
+
+    def _expected_seconds(self, ctx):
+        return self._estimate(ctx, lambda: self._spec(ctx), len(self._targets(ctx)), "label")
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -427,9 +551,27 @@ class AutoLabel(_RefsegOperator):
                     view=existing)
         inputs.float("score_threshold", default=None, min=0.0, max=1.0, label="Score threshold",
                      description="Drop detections scoring below this (default: the preset's, 0)")
-        _preset_input(inputs, record.get("preset", core.DEFAULT_PRESET))
+        if record.get("thresholds"):  # estimated by calibrate_thresholds
+            inputs.bool("class_thresholds", default=False, label="Apply the class thresholds",
+                        description="Drop detections below their class's threshold (target precision "
+                                    f"{record['thresholds']['target_precision']}: "
+                                    + "; ".join(f"{c['class_name']} {c['threshold']:.2f}" if c["threshold"] is not None
+                                                else f"{c['class_name']} {c['status']}"
+                                                for c in record["thresholds"]["classes"]) + ")",
+                        view=types.CheckboxView())
+        overrides = _preset_input(inputs, record.get("preset", core.DEFAULT_PRESET))
+        spec = _check_models(lambda: self._spec(ctx), {"overrides": overrides})
+        if spec is not None:
+            problems = [p for p in (core.checkpoint_problem(spec, r) for r in ("proposer", "encoder")) if p]
+            if problems:  # the bank's models
+                _invalid(inputs.view("checkpoint_error", types.Error(label="The bank's models cannot be loaded",
+                                                                      description=problems[0])),
+                         problems[0])
+            if spec.random_init:
+                inputs.view("random_init_warning", types.Warning(label="This bank was built with random weights",
+                                                                 description=RANDOM_WEIGHTS_WARNING))
         inputs.int("batch_size", default=core.DEFAULT_LABEL_BATCH_SIZE, min=1, label="Batch size")
-        _device_input(ctx, inputs)
+        device = _device_input(ctx, inputs)
         inputs.str("devices", default=None, label="Several devices",
                    description="Every listed local device at once, one process each: all (every GPU), or "
                                "cuda:0,cuda:1 (empty: the single device above; batch size is then per device)")
@@ -438,6 +580,7 @@ class AutoLabel(_RefsegOperator):
                                 "a review (or with other merge settings) runs no network")
         n = len(self._targets(ctx))
         inputs.view("target_count", types.Notice(label=f"{n} sample(s) to consider"))
+        _last_run_view(ctx, inputs)
         inputs.int("num_shards", default=1, min=1, label="Shards",
                    description="Split the targets into this many disjoint parts (by a hash of the sample id), "
                                "one delegated job each, for several workers or machines")
@@ -450,7 +593,8 @@ class AutoLabel(_RefsegOperator):
                 label=f"{n_shards} delegated jobs will be queued, one per shard: start a worker per GPU or machine "
                       "(`fiftyone delegated launch`)"))
         else:
-            _delegate_input(ctx, inputs, n > DELEGATE_ABOVE)
+            seconds = core.expected_seconds(spec, device, n, "label") if spec and device else None
+            _delegate_input(ctx, inputs, seconds, device)
         return types.Property(inputs, view=types.View(label="refseg: auto-label"))
 
     async def execute(self, ctx):
@@ -468,7 +612,8 @@ class AutoLabel(_RefsegOperator):
             score_threshold=p.get("score_threshold"), preset=p.get("preset"), overrides=p.get("overrides"),
             existing=p.get("existing") or core.DEFAULT_EXISTING,
             cache_candidates=bool(p.get("cache_candidates", _cache_default(ctx))),
-            num_shards=self._num_shards(ctx), shard_index=p.get("shard_index"), devices=p.get("devices") or None)
+            num_shards=self._num_shards(ctx), shard_index=p.get("shard_index"), devices=p.get("devices") or None,
+            class_thresholds=bool(p.get("class_thresholds")))
         if ctx.delegated or not p.get("stream_progress", True):
             try:
                 report = await _drain(generator, _progress_to_ctx(ctx))
@@ -478,7 +623,9 @@ class AutoLabel(_RefsegOperator):
                 raise
             report["summary"] = _label_summary(report)
             return report
-        return _stream(ctx, generator, _label_summary)
+        return _stream(ctx, generator, _label_summary, "auto-label", (
+            "Fix the cause and run auto-label again: the samples labelled so far are saved and are not labelled "
+            "again (details in the App server's log)"))
 
     def _queue_shards(self, ctx) -> dict:
         """Queue one delegated auto_label job per shard, each with this run's context and its ``shard_index``."""
@@ -496,6 +643,24 @@ class AutoLabel(_RefsegOperator):
         return {"jobs": jobs, "num_shards": n, "label_field": label_field,
                 "summary": f"Queued {n} delegated auto-label jobs into '{label_field}', one per shard: start "
                            "`fiftyone delegated launch` on each worker (GPU or machine)"}
+
+
+def _last_run_view(ctx, inputs) -> None:
+    """The last run into the output field (``info["refseg_runs"]``): how a delegated job ended shows here."""
+    field = ctx.params.get("label_field") or core.DEFAULT_OUTPUT_FIELD
+    run = ((ctx.dataset.info or {}).get(core.RUNS_KEY) or {}).get(field)
+    if not run:
+        return
+    status = run.get("status", "?")
+    text = (f"Last run into '{field}': {status}"
+            + (f" at {run['finished_at']}" if run.get("finished_at") else "")
+            + f", {run.get('num_labelled', 0)} labelled, {run.get('num_failed', 0)} failed")
+    if status == "completed":
+        inputs.view("last_run", types.Notice(label=text))
+    else:
+        detail = run.get("error") or ("still running, or stopped without a word" if status == "running" else "")
+        inputs.view("last_run", types.Warning(label=text, description=" ".join(
+            x for x in (detail, run.get("resume") or "") if x)))
 
 
 def _cache_default(ctx) -> bool:
@@ -532,9 +697,12 @@ class BoxesToMasks(_RefsegOperator):
             overrides=overrides, proposer_checkpoint=proposer_checkpoint, random_init=random_init,
             overwrite=overwrite), delegate)
 
-    def _delegate_by_default(self, ctx):
+    def _expected_seconds(self, ctx):
         field = ctx.params.get("label_field")
-        return bool(field) and len(_scope_view(ctx).exists(field)) > DELEGATE_ABOVE
+        if not field:
+            return None
+        return self._estimate(ctx, lambda: _model_settings(ctx, core.default_run_spec(ctx.dataset)),
+                              len(_scope_view(ctx).exists(field)), "boxes")
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -544,15 +712,14 @@ class BoxesToMasks(_RefsegOperator):
                    description="Write to a copy of the field (default: in place)")
         inputs.bool("overwrite", default=False, label="Replace existing masks too")
         settings = core.default_run_spec(ctx.dataset)
-        proposers = types.AutocompleteView()
-        for name in PROPOSER_CHOICES:
-            proposers.add_choice(name, label=name)
-        inputs.str("proposer", default=settings.proposer, label="Proposal model", view=proposers)
-        inputs.str("proposer_checkpoint", default=None, label="Proposal model checkpoint")
-        _preset_input(inputs, settings.preset)
-        _device_input(ctx, inputs)
+        props = _proposer_inputs(ctx, inputs, settings)
+        _random_init_input(ctx, inputs)
+        props["overrides"] = _preset_input(inputs, settings.preset)
+        spec = _check_models(lambda: _model_settings(ctx, settings), props)
+        device = _device_input(ctx, inputs)
         n = len(_scope_view(ctx).exists(field)) if field else 0
-        _delegate_input(ctx, inputs, n > DELEGATE_ABOVE)
+        seconds = core.expected_seconds(spec, device, n, "boxes") if spec and device else None
+        _delegate_input(ctx, inputs, seconds, device)
         return types.Property(inputs, view=types.View(label="refseg: boxes to masks"))
 
     def execute(self, ctx):
@@ -568,7 +735,8 @@ class BoxesToMasks(_RefsegOperator):
             report = core.exhaust(generator, _progress_to_ctx(ctx))
             report["summary"] = summarise(report)
             return report
-        return _stream(ctx, generator, summarise)
+        return _stream(ctx, generator, summarise, "boxes to masks", (
+            "Fix the cause and run it again (details in the App server's log)"))
 
 
 class EvaluateAutoLabels(_RefsegOperator):
@@ -604,7 +772,7 @@ class EvaluateAutoLabels(_RefsegOperator):
         inputs.float("iou", default=core.DEFAULT_IOU, min=0.0, max=1.0, label="IoU threshold for matches")
         inputs.bool("use_masks", default=True, label="Match masks (not boxes)")
         inputs.bool("only_labelled", default=True, label="Only samples with predictions")
-        _delegate_input(ctx, inputs, False)
+        _delegate_input(ctx, inputs)
         return types.Property(inputs, view=types.View(label="refseg: evaluate auto-labels"))
 
     def execute(self, ctx):
@@ -673,7 +841,7 @@ class ExportCoco(_RefsegOperator):
                     description="Otherwise the JSON refers to the images by absolute path")
         inputs.list("classes", types.String(), default=None, label="Classes",
                     description="Categories, in order (default: every label present)")
-        _delegate_input(ctx, inputs, False)
+        _delegate_input(ctx, inputs)
         return types.Property(inputs, view=types.View(label="refseg: export COCO"))
 
     def execute(self, ctx):
@@ -727,7 +895,7 @@ class UpdateMemoryBankFromReview(_RefsegOperator):
                 for k, d in (("rejected_tag", core.DEFAULT_REJECTED_TAG),
                              ("accepted_tag", core.DEFAULT_ACCEPTED_TAG)))))
         _device_input(ctx, inputs)
-        _delegate_input(ctx, inputs, False)
+        _delegate_input(ctx, inputs)
         return types.Property(inputs, view=types.View(label="refseg: update memory bank from review"))
 
     def execute(self, ctx):

@@ -1122,3 +1122,142 @@ def export_coco(samples, *, label_field: str, export_dir: str, mask_format: str 
     return {"labels_path": str(labels_path), "mask_format": mask_format, "num_images": len(images),
             "num_annotations": len(annotations), "data_path": str(data_dir) if export_media else None,
             "num_failed": len(failed), "failed": _capped(failed)}
+
+
+# ---------------------------------------------------------------------------- checks before a run, expected time
+
+
+def run_spec_for_labelling(dataset: fo.Dataset, bank_name: str, preset: str | None = None,
+                           overrides: str | dict | None = None) -> RunSpec:
+    """The run specification an auto-label run with the bank would use (the bank's models and settings, then
+    ``preset`` and ``overrides``); a :class:`~refseg.runtime.run_spec.RunSpecError` names a bad setting."""
+    models = RunSpec.from_dict(bank_record(dataset, bank_name)["models"])
+    extra = parse_overrides(overrides)
+    if preset or extra:
+        models = models.with_changes(preset=preset, overrides=models.overrides + extra)
+    return models
+
+
+def _official_checkpoint(name: str, role: str):
+    """The official checkpoint of model ``name`` (None for an import path or an unknown name)."""
+    from refseg.models.dinov2_encoder import dinov2_variant
+    from refseg.models.sam2_proposer import sam2_variant
+
+    if ":" in name:
+        return None
+    try:
+        return (sam2_variant if role == "proposer" else dinov2_variant)(name).checkpoint
+    except KeyError:  # UnknownName
+        return None
+
+
+def checkpoint_problem(spec: RunSpec, role: str) -> str | None:
+    """Why the weights of the ``role`` model ("proposer" or "encoder") of ``spec`` cannot be had here without
+    running anything: a checkpoint file that does not exist, or an official checkpoint that is not in the cache
+    while offline (``REFSEG_OFFLINE``). None when they can (or random weights are asked for)."""
+    from refseg.models import checkpoints
+
+    if spec.random_init:
+        return None
+    name, path = (spec.proposer, spec.proposer_checkpoint) if role == "proposer" else (spec.encoder,
+                                                                                        spec.encoder_checkpoint)
+    if path:
+        local = Path(path).expanduser()
+        return None if local.is_file() else f"checkpoint file not found: {local}"
+    official = _official_checkpoint(name, role)
+    if official is None:
+        return None
+    target = checkpoints.get_cache_dir(spec.cache_dir) / official.filename
+    if target.is_file() or not checkpoints.is_offline(spec.offline):
+        return None
+    return (f"{name}: checkpoint {official.filename} is not in the cache ({target.parent}) and refseg is offline "
+            f"(REFSEG_OFFLINE): download it from {official.url} into that folder, give a local checkpoint file, "
+            "or tick random weights to try the workflow")
+
+
+# Seconds per image, from benchmarks/benchmark.py (random weights: the same compute as the real networks) on this
+# project's 2-core x86 VM (CPU, torch 2.14, shared with other work, so figures vary by up to 2x): see "How long a
+# run takes" in fiftyone_plugin/README.md for the measurements. Each network's part is scaled from where it was
+# measured: the SAM2 image encoder by the input area (at proposal.image_size 1024: sam2.1_hiera_t 2.6 s, SAM2-L
+# 15.2 s), the prompt decoder by the number of point prompts (points_per_side ** 2) times the input area (all SAM2
+# sizes share the decoder: 0.12-0.25 s per prompt at 1024 px, 1024 prompts 122-252 s; the fast preset's decoder
+# about 0.4x), DINOv2 by its input area (at 518: ViT-S 2.6-4.0 s, ViT-L 6.2 s). The figures lean to the slow
+# side: an immediate run that outlives the App's operator timeout is killed. GPU figures were not measured here:
+# they are deliberately high guesses (a recent NVIDIA GPU runs SAM2-L at 1024 px with a 32x32 grid in about a
+# second per image).
+SAM2_ENCODER_SECONDS = {  # per image at 1024 px
+    "cpu": {"t": 3.0, "s": 4.0, "b+": 7.0, "l": 15.2},
+    "cuda": {"t": 0.03, "s": 0.04, "b+": 0.06, "l": 0.12},
+}
+PROMPT_SECONDS = {"cpu": 0.2, "cuda": 0.001}  # per point prompt at 1024 px (the paper preset's decoder)
+FAST_DECODER_FACTOR = 0.4
+DINOV2_SECONDS = {  # per image at 518 px
+    "cpu": {"s": 3.0, "b": 4.5, "l": 6.2, "g": 18.0},
+    "cuda": {"s": 0.01, "b": 0.015, "l": 0.03, "g": 0.08},
+}
+TOY_SECONDS = 0.05  # refseg.testing's colour proposer + encoder on a small image
+DEVICE_KIND = {"cpu": "cpu", "cuda": "cuda", "mps": "cuda"}  # which table a device type reads
+MPS_SLOWDOWN = 5.0  # Apple GPUs: taken as 5x the CUDA guess
+IMMEDIATE_SHARE = 0.5  # runs expected to take more than this share of the App's operator timeout are delegated
+
+
+def _size_key(name: str, role: str) -> str | None:
+    if role == "proposer":
+        match = re.search(r"hiera_(t|s|b\+|l)$", name)
+    else:
+        match = re.search(r"vit([sblg])14(_reg)?$", name)
+    return match.group(1) if match else None
+
+
+def expected_seconds_per_image(spec: RunSpec, device, task: str = "label") -> float:
+    """Expected seconds for one image of a ``task`` run: ``label`` (auto-label: proposals on a grid of points,
+    features, matching), ``bank`` (a reference image: its features, and the SAM2 encoder for box-only ones) or
+    ``boxes`` (boxes to masks: the SAM2 encoder and a few box prompts). An import path other than
+    :mod:`refseg.testing`'s components counts as the default SAM2 / DINOv2 model of that role."""
+    device_type = select_device(device).type
+    kind = DEVICE_KIND.get(device_type, "cpu")
+    slowdown = MPS_SLOWDOWN if device_type == "mps" else 1.0
+    proposal = spec.config().proposal
+    toy = [spec.proposer.startswith("refseg.testing:"), spec.encoder.startswith("refseg.testing:")]
+    sam2 = _size_key(spec.proposer, "proposer") or _size_key(DEFAULT_PROPOSER, "proposer")
+    dinov2 = _size_key(spec.encoder, "encoder") or _size_key(DEFAULT_ENCODER, "encoder")
+    area = (proposal.image_size / 1024) ** 2
+    encoder_s = 0.0 if toy[0] else SAM2_ENCODER_SECONDS[kind][sam2] * area
+    prompt_s = PROMPT_SECONDS[kind] * area * (FAST_DECODER_FACTOR if proposal.fast_decoder else 1.0)
+    decode_s = 0.0 if toy[0] else prompt_s * proposal.points_per_side ** 2
+    features_s = 0.0 if toy[1] else DINOV2_SECONDS[kind][dinov2] * ((spec.encoder_input_size or 518) / 518) ** 2
+    parts = {"label": encoder_s + decode_s + features_s, "bank": encoder_s + features_s,
+             "boxes": encoder_s + 10 * prompt_s}[task]
+    return (parts + TOY_SECONDS * any(toy)) * slowdown
+
+
+def expected_seconds(spec: RunSpec, device, num_images: int, task: str = "label") -> float:
+    """Expected seconds of a ``task`` run over ``num_images`` images (see :func:`expected_seconds_per_image`)."""
+    return expected_seconds_per_image(spec, device, task) * max(0, int(num_images))
+
+
+def operator_timeout() -> int:
+    """Seconds after which the App server stops an immediate operator run (``FIFTYONE_OPERATOR_TIMEOUT``, 600)."""
+    return int(fo.config.operator_timeout or 600)
+
+
+def can_schedule_delegated() -> bool:
+    """Whether the App of open-source FiftyOne can queue a delegated run: only with
+    ``FIFTYONE_ALLOW_LEGACY_ORCHESTRATORS=true`` in the App server's environment (otherwise it offers an
+    Enterprise orchestrator panel instead). From Python, delegated runs can always be queued."""
+    return bool(fo.config.allow_legacy_orchestrators)
+
+
+def expected_too_long(seconds: float) -> bool:
+    """True when a run of ``seconds`` should not run immediately in the App (over :data:`IMMEDIATE_SHARE`
+    of :func:`operator_timeout`: the estimate is rough)."""
+    return seconds > IMMEDIATE_SHARE * operator_timeout()
+
+
+def format_duration(seconds: float) -> str:
+    """``"40 s"``, ``"12 min"``, ``"3.5 h"``."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

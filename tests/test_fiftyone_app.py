@@ -11,6 +11,7 @@ saved under ``artifacts/``. Skipped when ``/usr/bin/chromium`` is absent
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -66,20 +67,37 @@ def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=180)
 
 
+def served_dataset(root: Path, n_images: int, opacity: float):
+    """A persistent synthetic dataset (the server process loads it by name), masks coloured per instance."""
+    dataset = make_dataset(root / "images", n_images=n_images)
+    dataset.persistent = True
+    dataset.app_config.color_scheme = fo.ColorScheme(color_by="instance", opacity=opacity)
+    dataset.save()
+    return dataset
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """A persistent labelled dataset and an App server showing it: (base url, dataset)."""
     root = tmp_path_factory.mktemp("app")
-    dataset = make_dataset(root / "images", n_images=10)
-    dataset.persistent = True  # the server process loads it by name
-    dataset.app_config.color_scheme = fo.ColorScheme(color_by="instance", opacity=0.6)
-    dataset.save()
+    dataset = served_dataset(root, n_images=10, opacity=0.6)
     foo.get_operator(f"{PLUGIN}/build_memory_bank")(dataset, label_field="ground_truth", **TOY)
     foo.get_operator(f"{PLUGIN}/auto_label")(dataset, score_threshold=0.5, delegate=False)
 
+    try:
+        with app_server(SERVE, dataset.name, root / "app.log") as base:
+            yield base, dataset
+    finally:
+        dataset.delete()
+
+
+@contextlib.contextmanager
+def app_server(serve: str, dataset_name: str, log_path: Path):
+    """Run the Python code ``serve`` (an App server for ``dataset_name`` on the port given) in a subprocess,
+    output to ``log_path``; yields its base url once it answers, stops it at the end."""
     port = _free_port()
-    log = open(root / "app.log", "w+")
-    server = subprocess.Popen([sys.executable, "-c", SERVE, dataset.name, str(port)], stdout=log,
+    log = open(log_path, "w+")
+    server = subprocess.Popen([sys.executable, "-c", serve, dataset_name, str(port)], stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -97,7 +115,7 @@ def app(tmp_path_factory):
             if time.time() > deadline:
                 pytest.fail("the App server did not answer within 120 s")
             time.sleep(1)
-        yield base, dataset
+        yield base
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -106,7 +124,6 @@ def app(tmp_path_factory):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
         log.close()
-        dataset.delete()
 
 
 def test_app_server_lists_the_plugin_operators(app):

@@ -188,8 +188,9 @@ def test_end_to_end_workflow_through_operators(dataset, tmp_path):
     assert record["encoder"] == TOY["encoder"] and record["preset"] == "paper"
     assert {c["class"] for c in record["counts"]} == set(CLASSES)
 
-    # 9 targets > 8: auto_label is delegated by default and waits in the queue
-    queued = foo.execute_operator(uri("auto_label"), ctx=dict(dataset=dataset, params=dict(bank_name="toy")))
+    # delegated: the job waits in the queue
+    queued = foo.execute_operator(uri("auto_label"), ctx=dict(dataset=dataset, params=dict(bank_name="toy",
+                                                                                            delegate=True)))
     assert queued.delegated
     assert labelled_count(dataset) == 0
     (done,) = run_queued(dataset)
@@ -270,15 +271,11 @@ def test_immediate_run_streams_progress_to_the_app(dataset):
     assert triggered[-2:] == ["notify", "reload_dataset"]
     assert labelled_count(dataset) == 9
 
-    # the form: a small run is immediate by default, a big one delegated
+    # the form: a run expected to be quick (toy models) is immediate by default (see test_fiftyone_forms.py)
     ctx = ExecutionContext(request_params=dict(dataset_name=dataset.name, params={}), executor=Executor())
-    assert auto.resolve_delegation(ctx) is True
-    form = auto.resolve_input(ctx).type.properties
-    assert form["bank_name"].type.values == ["default"] and form["delegate"].default is True
-    small = dataset.take(4, seed=1)
-    ctx = ExecutionContext(request_params=dict(dataset_name=dataset.name, view=small._serialize(),
-                                               params=dict(scope="CURRENT_VIEW")), executor=Executor())
     assert auto.resolve_delegation(ctx) is False
+    form = auto.resolve_input(ctx).type.properties
+    assert form["bank_name"].type.values == ["default"] and form["delegate"].default is False
 
 
 def test_resume_after_interruption_loses_and_duplicates_nothing(dataset, monkeypatch):

@@ -32,7 +32,7 @@ def test_calibrate_store_and_apply(tmp_path):
 
     targets = dataset.match_tags("reference", bool=False)
     every = core.auto_label(dataset, label_field="every", **AUTO)
-    kept = core.auto_label(dataset, label_field="kept", class_thresholds=True, **AUTO)
+    kept = op("auto_label")(dataset, label_field="kept", class_thresholds=True, delegate=False, **AUTO)  # the operator
     assert every["num_labelled"] == kept["num_labelled"] == len(targets)
     n_every = n_kept = 0
     for sample in targets.iter_samples():
