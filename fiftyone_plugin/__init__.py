@@ -129,7 +129,7 @@ RANDOM_WEIGHTS_WARNING = ("Random weights: the networks are not trained, so the 
 
 
 def _proposer_inputs(ctx, inputs, settings: core.RunSpec) -> dict:
-    """The proposal model, its checkpoint and the random-weights switch; returns the checkpoint property."""
+    """The proposal model and its checkpoint; returns {"proposer": the checkpoint property}."""
     proposers = types.AutocompleteView()
     for name in PROPOSER_CHOICES:
         proposers.add_choice(name, label=name)
@@ -160,7 +160,7 @@ def _model_inputs(ctx, inputs) -> dict:
     props["encoder"] = inputs.str("encoder_checkpoint", default=None, label="Feature encoder checkpoint",
                                   description="Local weights file (optional; default: cache, downloaded once)")
     inputs.int("encoder_input_size", default=settings.encoder_input_size, min=14, label="Encoder input size",
-               description="In pixels; blank: the encoder's own (518 for DINOv2); 224 is about 5x quicker")
+               description="In pixels; blank: the encoder's own (518 for DINOv2); 224 is several times quicker on a CPU")
     _random_init_input(ctx, inputs)
     props["overrides"] = _preset_input(inputs, settings.preset)
     return props

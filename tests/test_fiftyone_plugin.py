@@ -527,8 +527,8 @@ def test_bad_reference_input_is_reported(dataset, tmp_path):
     dataset.add_sample_field("empty_field", fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections)
     with pytest.raises(ExecutionError, match="have no instance in 'empty_field'"):
         build(dataset, label_field="empty_field", **TOY)
-    with pytest.raises(ExecutionError, match="no memory bank named 'nothing'"):
-        op("auto_label")(dataset, bank_name="nothing")
+    with pytest.raises(ExecutionError, match="has no memory bank: .*run 'refseg: build memory bank' first"):
+        op("auto_label")(dataset, bank_name="nothing")  # the form is invalid: no bank at all
     with pytest.raises(ExecutionError, match="unknown setting"):
         build(dataset, label_field="ground_truth", **{**TOY, "overrides": "proposal.no_such_knob=3"})
 
