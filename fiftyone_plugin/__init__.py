@@ -870,11 +870,12 @@ class UpdateMemoryBankFromReview(_RefsegOperator):
 
     def __call__(self, sample_collection, bank_name=core.DEFAULT_BANK, pred_field=core.DEFAULT_OUTPUT_FIELD,
                  rejected_tag=core.DEFAULT_REJECTED_TAG, accepted_tag=core.DEFAULT_ACCEPTED_TAG, device=None,
-                 delegate=False):
-        """Add the tagged predictions of ``pred_field`` to bank ``bank_name``; returns what was added."""
+                 use_corrected=False, delegate=False):
+        """Add the tagged predictions of ``pred_field`` to bank ``bank_name`` (``use_corrected``: also the labels
+        a person corrected or added, tagged by find_corrections); returns what was added."""
         return _call(self, sample_collection, dict(
             bank_name=bank_name, pred_field=pred_field, rejected_tag=rejected_tag, accepted_tag=accepted_tag,
-            device=device), delegate)
+            device=device, use_corrected=use_corrected), delegate)
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -888,6 +889,10 @@ class UpdateMemoryBankFromReview(_RefsegOperator):
                    description="Predictions with this label tag become negative references")
         inputs.str("accepted_tag", default=core.DEFAULT_ACCEPTED_TAG, label="Accepted tag",
                    description="Predictions with this label tag become references")
+        inputs.bool("use_corrected", default=False, label="Corrected labels become references too",
+                    description=f"Labels tagged '{review.DEFAULT_CORRECTED_TAG}' (edited or added by a person; run "
+                                "'find corrections' first) are added as references with their mask and box",
+                    view=types.CheckboxView())
         if field:
             counts = _scope_view(ctx).count_label_tags(label_fields=field)
             inputs.view("review_counts", types.Notice(label=", ".join(
@@ -904,7 +909,8 @@ class UpdateMemoryBankFromReview(_RefsegOperator):
             _scope_view(ctx), bank_name=p.get("bank_name") or core.DEFAULT_BANK,
             pred_field=p.get("pred_field") or core.DEFAULT_OUTPUT_FIELD,
             rejected_tag=p.get("rejected_tag", core.DEFAULT_REJECTED_TAG),
-            accepted_tag=p.get("accepted_tag", core.DEFAULT_ACCEPTED_TAG), device=p.get("device"))
+            accepted_tag=p.get("accepted_tag", core.DEFAULT_ACCEPTED_TAG), device=p.get("device"),
+            corrected_tag=review.DEFAULT_CORRECTED_TAG if p.get("use_corrected") else None)
         neg = ", ".join(f"{r['class']}: {r['count']}" for r in report["negatives_added"]) or "none"
         pos = ", ".join(f"{r['class']}: {r['count']}" for r in report["references_added"]) or "none"
         report["summary"] = (f"Bank **{report['bank']}**: negatives added ({neg}); references added ({pos}); "

@@ -560,7 +560,8 @@ def _add_model_options(p: argparse.ArgumentParser, proposer_help: str) -> None:
                    help=f"{proposer_help} A SAM2 name (see 'refseg models') or an import path "
                         f"package.module:Class (default {DEFAULT_PROPOSER}).")
     g.add_argument("--proposer-checkpoint", metavar="PATH", help="local SAM2 checkpoint instead of the cached one")
-    g.add_argument("--encoder-checkpoint", metavar="PATH", help="local DINOv2 checkpoint instead of the cached one")
+    g.add_argument("--encoder-checkpoint", metavar="PATH",
+                   help="local encoder checkpoint (DINOv2, DINOv3, C-RADIO) instead of the cached one")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps or auto (default: auto)")
     g.add_argument("--cache-dir", metavar="DIR", help="checkpoint cache (default $REFSEG_CACHE_DIR or ~/.cache/refseg)")
     g.add_argument("--offline", action="store_true", help="never download; use cached or given checkpoints only")

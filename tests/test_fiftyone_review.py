@@ -126,8 +126,9 @@ def test_added_detection_survives_relabel_and_becomes_a_reference(labelled):
     counts_before = core.bank_record(labelled, "default")["counts"]
     plain = core.update_memory_bank_from_review(labelled, bank_name="default", pred_field="refseg")
     assert plain["num_added"] == 0  # without corrected_tag a correction is not a reference
-    report = core.update_memory_bank_from_review(labelled, bank_name="default", pred_field="refseg",
-                                                 corrected_tag="corrected")
+    # through the operator, as the App's form does ("corrected labels become references too")
+    report = op("update_memory_bank_from_review")(labelled, bank_name="default", pred_field="refseg",
+                                                  use_corrected=True)
     assert report["references_added"] == [{"class": gt.label, "count": 1}] and report["negatives_added"] == []
     assert report["counts"] != counts_before
     again = core.update_memory_bank_from_review(labelled, bank_name="default", pred_field="refseg",
