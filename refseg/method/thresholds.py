@@ -24,7 +24,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from refseg.errors import RefsegError
-from refseg.method.results import Detections, encode_rle
+from refseg.method.results import Detections, encode_rles
 
 MATCH_IOU = 0.5
 
@@ -108,8 +108,8 @@ def match_detections(dets: Detections, truth_masks: np.ndarray, truth_classes: S
     """(class, score, true positive?) of every detection; each instance matches at most one detection."""
     out: list[tuple[str, float, bool]] = []
     truth_classes = list(truth_classes)
-    truth_rles = [encode_rle(m) for m in truth_masks]
-    det_rles = [encode_rle(m) for m in dets.masks]
+    truth_rles = encode_rles(truth_masks)
+    det_rles = dets.rles()  # from the compact masks, without making every full mask at once
     names = [dets.class_names[int(lab)] for lab in dets.labels]
     matched = [False] * len(truth_rles)
     for i in np.argsort(-np.asarray(dets.scores, dtype=np.float64), kind="stable"):

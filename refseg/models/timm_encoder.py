@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from refseg.errors import InvalidInput, UnknownName
 from refseg.method.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from refseg.models.checkpoints import (
     CheckpointError,
@@ -160,7 +161,7 @@ def timm_variant(name: str) -> TimmVariant:
     try:
         return TIMM_VARIANTS[_ALIASES.get(name, name)]
     except KeyError:
-        raise KeyError(f"unknown DINOv3 / C-RADIO model {name!r}; choose one of {', '.join(TIMM_VARIANTS)}") from None
+        raise UnknownName(f"unknown DINOv3 / C-RADIO model {name!r}; choose one of {', '.join(TIMM_VARIANTS)}") from None
 
 
 def build_timm_network(variant: TimmVariant, input_size: int | None = None, **kwargs) -> "nn.Module":
@@ -169,7 +170,7 @@ def build_timm_network(variant: TimmVariant, input_size: int | None = None, **kw
 
     size = variant.input_size if input_size is None else int(input_size)
     if size <= 0 or size % PATCH_SIZE:
-        raise ValueError(f"{variant.name} input_size must be a positive multiple of {PATCH_SIZE}, got {size}")
+        raise InvalidInput(f"{variant.name} input_size must be a positive multiple of {PATCH_SIZE}, got {size}")
     return timm.create_model(variant.name, pretrained=False, img_size=size, num_classes=0, **kwargs)
 
 
@@ -435,7 +436,7 @@ class TimmEncoder(DenseViTEncoder):
         file of any source, else timm's published file downloaded. ``input_size`` None is the variant's own."""
         variant = timm_variant(name)
         if random_init and checkpoint is not None:
-            raise ValueError("give either a checkpoint or random_init=True, not both")
+            raise InvalidInput("give either a checkpoint or random_init=True, not both")
         target = select_device(device)
         path = None if random_init else resolve_timm_checkpoint(variant, checkpoint, cache_dir, offline)
         model = build_timm_network(variant, input_size)
