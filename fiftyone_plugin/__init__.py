@@ -29,7 +29,7 @@ from refseg.models.sam2_proposer import SAM2_VARIANTS
 from refseg.runtime.run_spec import RunSpecError
 from refseg_fiftyone import core, fiftyone_access, review
 
-from .panel import RefsegPanel
+from .panel import RefsegPanel, announce_ended_jobs
 
 # the model registries' names (the default first); any import path package.module:Class works too
 PROPOSER_CHOICES = tuple(dict.fromkeys([core.DEFAULT_PROPOSER, *SAM2_VARIANTS]))
@@ -240,8 +240,9 @@ def _delegate_input(ctx, inputs, seconds: float | None = None, device=None) -> N
         return
     inputs.view("delegate_notice", types.Notice(
         label="Delegated: Execute queues the job; it runs when a worker picks it up (`fiftyone delegated launch`, "
-              "`fiftyone delegated list` shows it). Its result appears in the dataset's labels (reload the App) "
-              "and, for auto-label, under 'Last run' in this form."))
+              "`fiftyone delegated list` shows it). The refseg panel (+ > refseg) follows its progress and "
+              "notifies you when it ends; otherwise the App tells you the next time this dataset is opened. "
+              "For auto-label, 'Last run' in this form shows how it ended."))
 
 
 def _model_settings(ctx, base: core.RunSpec) -> core.RunSpec:
@@ -1044,8 +1045,22 @@ class RemaskBoxes(_RefsegOperator):
         return report
 
 
+class AnnounceEndedJobs(foo.Operator):
+    """Run by the App whenever a dataset is opened: a notification for each of this plugin's delegated jobs on
+    it that ended (completed or failed) since it was last announced. (The refseg panel announces them as they
+    end while it is open.)"""
+
+    @property
+    def config(self):
+        return foo.OperatorConfig(name="announce_ended_jobs", label="refseg: announce ended jobs", unlisted=True,
+                                  on_dataset_open=True)
+
+    def execute(self, ctx):
+        return {"announced": announce_ended_jobs(ctx) if ctx.dataset is not None else 0}
+
+
 OPERATORS = (BuildMemoryBank, AutoLabel, BoxesToMasks, EvaluateAutoLabels, ExportCoco, UpdateMemoryBankFromReview,
-             CalibrateThresholds, FindCorrections, RemaskBoxes)
+             CalibrateThresholds, FindCorrections, RemaskBoxes, AnnounceEndedJobs)
 
 
 def register(p):

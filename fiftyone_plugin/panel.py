@@ -4,7 +4,9 @@ It shows what :func:`refseg_fiftyone.status.dataset_status` gathers: the memory 
 (references per class, positives and negatives, and crops of a few references), the
 labelling runs (the last one per output field, and the delegated jobs still queued or
 running), the review counts and the last evaluation with per-class AP@[.50:.95] and AP50.
-It reads the dataset when it opens, when the dataset changes and when Refresh is pressed.
+It reads the dataset when it opens, when the dataset changes and when Refresh is pressed; while a
+delegated refseg job is queued or running it reads it again every few seconds and, when the job ends, shows
+a notification (how it ended, what to do if it failed) and reloads the dataset's grid.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import fiftyone.operators.types as types
 from refseg_fiftyone import status
 
 PANEL_NAME = "refseg_panel"
+STORE_NAME = "refseg"  # the dataset's execution store: which ended jobs were announced
+POLL_MS = 5000  # how often the panel looks at queued or running jobs
 
 
 def _table(panel, name: str, columns: list[tuple[str, str]]) -> None:
@@ -27,6 +31,17 @@ def _table(panel, name: str, columns: list[tuple[str, str]]) -> None:
 
 def _score(value) -> str:
     return "n/a" if value is None or value < 0 else f"{value:.3f}"
+
+
+def announce_ended_jobs(ctx) -> int:
+    """Notify the App of this plugin's delegated jobs on the dataset that ended and were not announced yet
+    (one notification, an error if any failed); returns how many."""
+    notices = status.take_job_end_notices(ctx.dataset, ctx.store(STORE_NAME))
+    if notices:
+        failed = any(n["state"] == "failed" for n in notices)
+        ctx.ops.notify("refseg: " + " · ".join(n["message"] for n in notices), variant="error" if failed
+                       else "success")
+    return len(notices)
 
 
 def _run_rows(info: dict) -> list[dict]:
@@ -57,6 +72,12 @@ class RefsegPanel(foo.Panel):
 
     def refresh(self, ctx):
         self._load(ctx)
+
+    def poll(self, ctx):
+        """The timer's call while jobs are queued or running: read again, announce the jobs that ended."""
+        self._load(ctx)
+        if ctx.dataset is not None and announce_ended_jobs(ctx):
+            ctx.ops.reload_dataset()  # the grid and the counts show the new labels
 
     def _load(self, ctx):
         """Read the dataset's status: the layout's outline into the panel state, tables and images into its data."""
@@ -103,7 +124,11 @@ class RefsegPanel(foo.Panel):
                                    ("failed", "Failed"), ("device", "Device"), ("bank", "Bank")])
         else:
             panel.md("No labelling run yet: run **refseg: auto-label**.", name="runs_none")
-        if not outline["num_jobs"]:
+        if outline["num_jobs"]:
+            panel.md(f"Watching {outline['num_jobs']} delegated job(s): this panel tells you when each ends.",
+                     name="jobs_watching")
+            panel.view("jobs_timer", types.TimerView(interval=POLL_MS, on_interval=self.poll))
+        else:
             panel.md("No delegated refseg job queued or running.", name="jobs_none")
         panel.md("#### Review", name="review_heading")
         if outline["has_review"]:

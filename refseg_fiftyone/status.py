@@ -15,12 +15,17 @@
 
 :func:`thumbnail_uri` turns one reference into a small PNG ``data:`` URI (the crop around its box),
 which the App's image view shows without a media route.
+
+:func:`take_job_end_notices` turns this plugin's delegated jobs that have ended since they were last
+announced into the notifications the App shows (the panel while it watches a job, and the App when a
+dataset opens): FiftyOne has no way for a worker to reach an open App, so the App asks.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from refseg import ImageLoadError, MemoryBank, load_image
@@ -29,6 +34,10 @@ from . import core
 
 THUMBNAILS_PER_CLASS = 3  # references shown per class and polarity
 ACTIVE_STATES = ("queued", "scheduled", "running")  # delegated jobs still to finish
+ENDED_STATES = ("completed", "failed")
+ANNOUNCE_WITHIN = timedelta(days=7)  # an ended job older than this is not announced any more
+ANNOUNCED_KEY = "announced_jobs"  # the execution store's list of the job ids already announced
+MAX_ANNOUNCED = 500  # ids kept (the newest)
 
 
 def dataset_status(dataset, thumbnails_per_class: int = THUMBNAILS_PER_CLASS, delegated: bool = True) -> dict:
@@ -161,6 +170,66 @@ def active_jobs(dataset) -> list[dict]:
                          "progress": getattr(status, "progress", None), "progress_label": getattr(status, "label", None),
                          "queued_at": _iso(doc.queued_at), "started_at": _iso(doc.started_at)})
     return sorted(jobs, key=lambda j: j["queued_at"] or "")
+
+
+def ended_jobs(dataset, since: datetime | None = None) -> list[dict]:
+    """This plugin's delegated jobs on ``dataset`` that completed or failed (after ``since``, UTC, if given),
+    oldest first: id, operator, state, label field, shard, when it ended, and its summary or error."""
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    service = DelegatedOperationService()
+    jobs = []
+    for state in ENDED_STATES:
+        for doc in service.list_operations(dataset_name=dataset.name, run_state=state):
+            if not str(doc.operator).startswith(core.PLUGIN_NAME + "/"):
+                continue
+            ended = doc.completed_at if state == "completed" else doc.failed_at
+            ended = ended or doc.updated_at
+            if since is not None and ended is not None and _utc(ended) < _utc(since):
+                continue
+            params = _request_params(doc).get("params") or {}
+            result = doc.result
+            report = getattr(result, "result", None)
+            jobs.append({"id": str(doc.id), "operator": doc.operator.rsplit("/", 1)[-1], "state": state,
+                         "label_field": params.get("label_field"), "shard_index": params.get("shard_index"),
+                         "num_shards": params.get("num_shards"), "ended_at": _iso(ended),
+                         "summary": report.get("summary") if isinstance(report, dict) else None,
+                         "error": getattr(result, "error", None)})
+    return sorted(jobs, key=lambda j: j["ended_at"] or "")
+
+
+def job_end_message(job: dict) -> str:
+    """One sentence on how a delegated job ended, and what to do if it failed."""
+    what = job["operator"].replace("_", "-")
+    if job["label_field"]:
+        what += f" into '{job['label_field']}'"
+    if job["num_shards"]:
+        what += f" (shard {int(job['shard_index']) + 1}/{job['num_shards']})"
+    if job["state"] == "completed":
+        return f"delegated {what} completed" + (f": {job['summary']}" if job["summary"] else "")
+    error = (job["error"] or "no error recorded").strip().splitlines()
+    error = error[-1] if error else "no error recorded"  # a traceback's last line says what went wrong
+    return (f"delegated {what} failed: {error}. `fiftyone delegated rerun {job['id']}` resumes it "
+            "(finished samples are kept)")
+
+
+def take_job_end_notices(dataset, store, now: datetime | None = None) -> list[dict]:
+    """The ended jobs (:func:`ended_jobs`, at most :data:`ANNOUNCE_WITHIN` old) not announced yet, each with
+    its ``message``; they are recorded in ``store`` (an execution store of the dataset: ``get``/``set``) as
+    announced, so that each job is announced once."""
+    now = now or datetime.now(timezone.utc)
+    announced = list(store.get(ANNOUNCED_KEY) or [])
+    seen = set(announced)
+    fresh = [dict(job, message=job_end_message(job)) for job in ended_jobs(dataset, since=now - ANNOUNCE_WITHIN)
+             if job["id"] not in seen]
+    if fresh:
+        store.set(ANNOUNCED_KEY, (announced + [job["id"] for job in fresh])[-MAX_ANNOUNCED:])
+    return fresh
+
+
+def _utc(value: datetime) -> datetime:
+    """FiftyOne stores naive UTC datetimes."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
 
 
 def _request_params(doc) -> dict:

@@ -9,6 +9,7 @@ classes with their counts and the per-class AP50 column. Screenshots go to
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import subprocess
@@ -94,8 +95,8 @@ def _panel_menu_option(page, label: str):
         dismiss = page.get_by_text("Dismiss", exact=True)
         if dismiss.count():
             dismiss.first.click()
-        new_panel.click(timeout=10_000)
         try:
+            new_panel.click(timeout=10_000)  # the tab bar may be re-rendered under it while the App loads
             option.first.wait_for(timeout=3000)
             return option.first
         except sync_api.TimeoutError:
@@ -125,6 +126,7 @@ def test_refseg_panel_opens_from_the_new_panel_menu(served):
             text = page.locator("body").inner_text()
             images = page.locator("img[src^='data:image/png']").count()
         finally:
+            page.screenshot(path=str(ARTIFACTS / "refseg_panel_last.png"))  # what it showed at the end
             browser.close()
 
     # the bank: each class with its positives and negatives (the record's counts)
@@ -142,3 +144,58 @@ def test_refseg_panel_opens_from_the_new_panel_menu(served):
     for c in report["classes"]:
         if c["AP"] >= 0:
             assert f"{c['class']}\t{c['AP']:.3f}\t{c['AP50']:.3f}" in text
+
+
+def test_the_app_announces_when_a_delegated_job_ends(served):
+    """A delegated auto-label queued while the refseg panel is open: the panel watches it and, when a worker
+    has run it, a notification says it completed with its summary. A job that ends while no App page is open
+    is announced when the dataset is next opened (the plugin's on-dataset-open operator)."""
+    import fiftyone.operators as foo
+
+    from conftest import clear_queued_operations
+    from test_fiftyone_plugin import PLUGIN, run_queued
+
+    url, dataset, _, server, log = served
+    ARTIFACTS.mkdir(exist_ok=True)
+    clear_queued_operations()
+
+    def outside_playwright(fn, *args):
+        """Call ``fn`` in another thread: Playwright's sync API runs an event loop in this one, and FiftyOne's
+        operator calls start their own."""
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(fn, *args).result()
+
+    def queue(field: str) -> str:
+        return outside_playwright(lambda: foo.execute_operator(f"{PLUGIN}/auto_label", ctx=dict(
+            dataset=dataset, params=dict(label_field=field, delegate=True))).result["id"])
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            _open_page(page, url, server, log)
+            page.get_by_text("ground_truth").first.wait_for(timeout=30_000)
+            page.wait_for_timeout(2000)  # the on-open announcement (nothing to announce) is done
+            queue("watched")
+            _panel_menu_option(page, "refseg").click()
+            page.get_by_text("Watching 1 delegated job(s)", exact=False).wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "refseg_panel_watching.png"))
+            outside_playwright(run_queued, dataset)  # as a worker would
+            notice = page.get_by_text("delegated auto-label into 'watched' completed", exact=False)
+            notice.first.wait_for(timeout=30_000)  # the panel polls every 5 s
+            page.screenshot(path=str(ARTIFACTS / "refseg_panel_job_ended.png"))
+            page.get_by_text("No delegated refseg job queued or running.").wait_for(timeout=30_000)
+
+            page.goto("about:blank")  # no App page open while the next job runs
+            queue("unwatched")
+            outside_playwright(run_queued, dataset)
+            _open_page(page, url, server, log)
+            later = page.get_by_text("delegated auto-label into 'unwatched' completed", exact=False)
+            later.first.wait_for(timeout=30_000)
+            page.screenshot(path=str(ARTIFACTS / "refseg_job_ended_on_open.png"))
+            text = later.first.inner_text()
+        finally:
+            page.screenshot(path=str(ARTIFACTS / "refseg_job_notice_last.png"))  # what it showed at the end
+            browser.close()
+    labelled = len(dataset.exists("unwatched"))
+    assert labelled and f"Labelled {labelled} sample(s) into 'unwatched'" in text

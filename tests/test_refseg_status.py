@@ -22,7 +22,7 @@ from fiftyone.operators.delegated import DelegatedOperationService  # noqa: E402
 from refseg.testing import CLASSES  # noqa: E402
 from refseg_fiftyone import core, status  # noqa: E402
 from conftest import clear_queued_operations  # noqa: E402
-from test_fiftyone_plugin import PLUGIN, build_toy_bank, make_dataset, op  # noqa: E402
+from test_fiftyone_plugin import PLUGIN, build_toy_bank, make_dataset, op, run_queued  # noqa: E402
 
 PANEL = f"{PLUGIN}/refseg_panel"
 
@@ -214,3 +214,93 @@ def test_panel_renders_banks_runs_review_and_evaluation(reviewed):
         refs = props["bank_0_refs"]["type"]["properties"]
         assert set(refs) == set(images)
         assert all(r["type"]["properties"]["image"]["view"]["name"] == "ImageView" for r in refs.values())
+
+
+def _requests(result) -> list[tuple[str, dict]]:
+    return [(r["operator_uri"], r["params"]) for r in result.executor.to_json()["requests"]]
+
+
+def _poll(dataset):
+    result = foo.execute_operator(PANEL, ctx=dict(dataset=dataset, params=dict(
+        __method__="poll", panel_id="test-panel", state={}, event_args={})))
+    assert result.error is None, result.error
+    return _requests(result)
+
+
+def test_delegated_jobs_that_end_are_announced_once(tmp_path):
+    """The panel watches queued jobs with a timer and announces each job's end once, with its summary; a job
+    that fails is announced as an error with the rerun command, here by the operator the App runs when a
+    dataset opens."""
+    dataset = make_dataset(tmp_path / "images", n_images=5)
+    build_toy_bank(dataset)
+    clear_queued_operations()
+    service = DelegatedOperationService()
+    queued = []
+    try:
+        queued.append(foo.execute_operator(f"{PLUGIN}/auto_label", ctx=dict(dataset=dataset, params=dict(
+            label_field="second", delegate=True))).result["id"])
+        sent = _panel_event(dataset, "on_load")
+        timer = sent["output"]["type"]["properties"]["jobs_timer"]["view"]
+        assert (timer["name"], timer["interval"]) == ("TimerView", 5000)
+        assert timer["on_interval"].endswith("refseg_panel#poll")
+        assert "notify" not in [uri for uri, _ in _poll(dataset)]  # still queued: nothing to say
+
+        run_queued(dataset)
+        requests = _poll(dataset)
+        notices = [params for uri, params in requests if uri == "notify"]
+        assert len(notices) == 1 and notices[0]["variant"] == "success"
+        labelled = len(dataset.exists("second"))
+        assert labelled == len(dataset.match_tags("reference", bool=False))
+        assert notices[0]["message"].startswith("refseg: delegated auto-label into 'second' completed: "
+                                                f"Labelled {labelled} sample(s) into 'second'")
+        assert "reload_dataset" in [uri for uri, _ in requests]
+        assert "notify" not in [uri for uri, _ in _poll(dataset)]  # announced once
+        assert "jobs_timer" not in _panel_event(dataset, "on_load")["output"]["type"]["properties"]
+
+        # a job that fails (its bank file gone) is announced by the operator the App runs on dataset open
+        bank = core.bank_path(dataset, "default")
+        queued.append(foo.execute_operator(f"{PLUGIN}/auto_label", ctx=dict(dataset=dataset, params=dict(
+            label_field="third", delegate=True))).result["id"])
+        bank.rename(bank.with_suffix(".moved"))
+        (failed,) = service.execute_queued_operations(dataset_name=dataset.name)
+        assert failed.error
+        announcer = foo.get_operator(f"{PLUGIN}/announce_ended_jobs")
+        assert announcer.config.on_dataset_open and announcer.config.unlisted
+        result = foo.execute_operator(announcer.uri, ctx=dict(dataset=dataset, params={}))
+        (notice,) = [params for uri, params in _requests(result) if uri == "notify"]
+        assert notice["variant"] == "error"
+        assert notice["message"].startswith("refseg: delegated auto-label into 'third' failed: ")
+        assert f"`fiftyone delegated rerun {queued[1]}` resumes it" in notice["message"]
+        again = foo.execute_operator(announcer.uri, ctx=dict(dataset=dataset, params={}))
+        assert again.result == {"announced": 0}
+    finally:
+        for job in queued:
+            service.delete_operation(job)
+        dataset.delete()
+
+
+def test_only_recent_unannounced_jobs_are_announced(tmp_path):
+    """An ended job older than ANNOUNCE_WITHIN is not announced (a first look at an old dataset stays quiet)."""
+    from datetime import datetime, timezone
+
+    dataset = make_dataset(tmp_path / "images", n_images=4)
+    build_toy_bank(dataset)
+    clear_queued_operations()
+    job = foo.execute_operator(f"{PLUGIN}/auto_label", ctx=dict(dataset=dataset, params=dict(
+        label_field="second", delegate=True))).result["id"]
+    try:
+        run_queued(dataset)
+
+        class Store(dict):  # the execution store's two calls used here
+            def set(self, key, value):
+                self[key] = value
+
+        later = datetime.now(timezone.utc) + status.ANNOUNCE_WITHIN + status.timedelta(minutes=1)
+        assert status.take_job_end_notices(dataset, Store(), now=later) == []
+        store = Store()
+        (notice,) = status.take_job_end_notices(dataset, store)
+        assert (notice["id"], notice["state"], store[status.ANNOUNCED_KEY]) == (str(job), "completed", [str(job)])
+        assert status.take_job_end_notices(dataset, store) == []
+    finally:
+        DelegatedOperationService().delete_operation(job)
+        dataset.delete()
