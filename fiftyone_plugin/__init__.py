@@ -360,10 +360,10 @@ class _RefsegOperator(foo.Operator):
         return None
 
     @staticmethod
-    def _estimate(ctx, make_spec, num_images: int, task: str) -> float | None:
+    def _estimate(ctx, make_spec, num_images: int, task: str, devices: list[str] | None = None) -> float | None:
         try:
             return core.expected_seconds(make_spec(), core.resolve_device(ctx.params.get("device"), ctx.dataset),
-                                         num_images, task)
+                                         num_images, task, devices)
         except (ValueError, KeyError):  # a bad setting or device: the form says so
             return None
 
@@ -531,7 +531,8 @@ class AutoLabel(_RefsegOperator):
                                            overrides)
 
     def _expected_seconds(self, ctx):
-        return self._estimate(ctx, lambda: self._spec(ctx), len(self._targets(ctx)), "label")
+        return self._estimate(ctx, lambda: self._spec(ctx), len(self._targets(ctx)), "label",
+                              core.parse_devices(ctx.params.get("devices") or None))
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -573,9 +574,15 @@ class AutoLabel(_RefsegOperator):
                                                                  description=RANDOM_WEIGHTS_WARNING))
         inputs.int("batch_size", default=core.DEFAULT_LABEL_BATCH_SIZE, min=1, label="Batch size")
         device = _device_input(ctx, inputs)
-        inputs.str("devices", default=None, label="Several devices",
-                   description="Every listed local device at once, one process each: all (every GPU), or "
-                               "cuda:0,cuda:1 (empty: the single device above; batch size is then per device)")
+        devices_prop = inputs.str("devices", default=None, label="Several devices",
+                                  description="Every listed local device at once, one process each: all (every "
+                                              "GPU), or cuda:0,cuda:1 (empty: the single device above; batch size "
+                                              "is then per device)")
+        try:
+            devices = core.parse_devices(ctx.params.get("devices") or None)
+        except ValueError as exc:
+            _invalid(devices_prop, str(exc))
+            devices = None
         inputs.bool("cache_candidates", default=_cache_default(ctx), label="Cache proposals",
                     description="Keep each image's proposals and features on disk, so that labelling again after "
                                 "a review (or with other merge settings) runs no network")
@@ -594,8 +601,8 @@ class AutoLabel(_RefsegOperator):
                 label=f"{n_shards} delegated jobs will be queued, one per shard: start a worker per GPU or machine "
                       "(`fiftyone delegated launch`)"))
         else:
-            seconds = core.expected_seconds(spec, device, n, "label") if spec and device else None
-            _delegate_input(ctx, inputs, seconds, device)
+            seconds = core.expected_seconds(spec, device, n, "label", devices) if spec and device else None
+            _delegate_input(ctx, inputs, seconds, ", ".join(devices) if devices else device)
         return types.Property(inputs, view=types.View(label="refseg: auto-label"))
 
     async def execute(self, ctx):

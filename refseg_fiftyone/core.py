@@ -1231,9 +1231,16 @@ def expected_seconds_per_image(spec: RunSpec, device, task: str = "label") -> fl
     return (parts + TOY_SECONDS * any(toy)) * slowdown
 
 
-def expected_seconds(spec: RunSpec, device, num_images: int, task: str = "label") -> float:
-    """Expected seconds of a ``task`` run over ``num_images`` images (see :func:`expected_seconds_per_image`)."""
-    return expected_seconds_per_image(spec, device, task) * max(0, int(num_images))
+def expected_seconds(spec: RunSpec, device, num_images: int, task: str = "label",
+                     devices: list[str] | None = None) -> float:
+    """Expected seconds of a ``task`` run over ``num_images`` images (see :func:`expected_seconds_per_image`) on
+    ``device``, or on all of ``devices`` at once (:func:`parse_devices`): the images are shared evenly between
+    them, so the slowest device's share takes longest."""
+    num_images = max(0, int(num_images))
+    if not devices:
+        return expected_seconds_per_image(spec, device, task) * num_images
+    share = -(-num_images // len(devices))
+    return max(expected_seconds_per_image(spec, d, task) for d in devices) * share
 
 
 def operator_timeout() -> int:

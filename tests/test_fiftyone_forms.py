@@ -83,6 +83,8 @@ def test_expected_time_scales_with_models_settings_and_images():
     assert 100 < default < 300  # one 512x384 image took 229 s at these settings (issue 11)
     assert quick < 10 < default < large
     assert core.expected_seconds(spec, "cpu", 10) == pytest.approx(10 * default)
+    # several devices at once share the images: the slowest device's share (5 of 9 here) sets the time
+    assert core.expected_seconds(spec, "cpu", 9, devices=["cpu", "cpu"]) == pytest.approx(5 * default)
     toy = core.RunSpec(proposer="refseg.testing:ColorRegionProposer", encoder="refseg.testing:ColorEncoder")
     assert core.expected_seconds(toy, "cpu", 100) < 10
 
@@ -146,3 +148,10 @@ def test_the_auto_label_form_shows_how_the_last_run_ended(dataset):
     dataset.save()
     view = form("auto_label", dataset)["last_run"].view
     assert "failed" in view.label and "disk full" in view.description
+
+
+def test_auto_label_devices_that_do_not_exist_are_refused_in_the_form(dataset):
+    build_toy_bank(dataset)
+    properties = form("auto_label", dataset, devices="cuda:5")
+    assert "cuda:5" in invalid(properties)["devices"]
+    assert "devices" not in invalid(form("auto_label", dataset, devices="cpu"))
