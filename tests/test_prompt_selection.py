@@ -7,9 +7,10 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from refseg import PAPER, MemoryBank, Reference, ReferenceEncoder, Segmenter, decode_rle, load_image
+from refseg import PAPER, Detections, MemoryBank, Reference, ReferenceEncoder, Segmenter, decode_rle, load_image
 from refseg.method.config import PRESETS
 from refseg.method.interfaces import supports_prompt_selection
+from refseg.method.pipeline import Candidates
 from refseg.method.prompt_selection import (PromptSelectionError, choose_prompt_threshold,
                                             detection_prompt_similarities, estimate_prompt_threshold,
                                             point_patches, store_prompt_threshold, stored_prompt_threshold)
@@ -104,6 +105,28 @@ def test_the_chosen_threshold_keeps_the_share_of_leave_one_out_detections(toy):
             sims = detection_prompt_similarities(cand, left.label(cand))
             kept, total = kept + int((sims >= found.threshold).sum()), total + len(sims)
         assert (kept, total) == (found.kept, found.detections)
+
+
+@pytest.mark.parametrize("found", [0, 1])
+def test_a_detection_traces_to_its_own_prompt_when_predicted_ious_tie(toy, found):
+    """Two candidates with the same predicted IoU: the object one (``found``) is detected, the other matches
+    no class. Tracing by predicted IoU could not tell them apart (and took the higher similarity, the other's)."""
+    proposer, encoder, bank, _ = toy
+    seg = Segmenter(proposer, encoder, bank, TOY)
+    logits = torch.full((2, 64, 64), -10.0)
+    logits[found, 4:20, 4:20] = logits[1 - found, 40:60, 40:60] = 10.0
+    prototype = bank.prototypes()[0]  # unit norm, non-negative colour features
+    features = torch.stack([prototype, -prototype] if found == 0 else [-prototype, prototype])
+    similarities = torch.zeros(10)
+    similarities[[3, 7]] = torch.tensor([0.2, 0.8]) if found == 0 else torch.tensor([0.8, 0.2])
+    cand = Candidates(logits, torch.full((2,), 0.9), features, (S, S), prompt_index=torch.tensor([3, 7]),
+                      prompt_similarities=similarities)
+    dets = seg.label(cand)
+    assert len(dets) == 1 and dets.candidate_index.tolist() == [found] and dets.masks[0, 20, 20]
+    assert detection_prompt_similarities(cand, dets).tolist() == [pytest.approx(0.2)]  # its own prompt's
+    with pytest.raises(PromptSelectionError, match="do not name their candidates"):
+        detection_prompt_similarities(cand, Detections(dets.compact, dets.boxes, dets.scores, dets.labels,
+                                                       dets.class_names, dets.pred_iou))  # no candidate_index
 
 
 def test_selection_decodes_only_prompts_near_a_prototype_and_leaves_their_candidates_unchanged(toy):

@@ -11,7 +11,8 @@ proposals of skipped prompts are missing, and with them the detections they woul
 ``t`` is chosen per bank by :func:`estimate_prompt_threshold`: each reference image is labelled
 in paper mode with the bank minus its own references (leave-one-out, as
 :mod:`refseg.method.thresholds` does), each final detection records the similarity of the
-prompt that produced it, and ``t`` is the highest threshold keeping at least ``share`` of those
+prompt that produced it (its ``candidate_index`` names its proposal, whose ``prompt_index``
+names the prompt), and ``t`` is the highest threshold keeping at least ``share`` of those
 detections. It is stored with the bank (:attr:`refseg.MemoryBank.prompt_similarity`), tied to
 the embeddings, and ``proposal.prompt_similarity = "bank"`` applies it (refused if none or stale).
 
@@ -100,25 +101,17 @@ class PromptThreshold:
 
 
 def detection_prompt_similarities(cand, dets) -> np.ndarray:
-    """The prompt similarity of the candidate each detection of ``dets`` (``Segmenter.label(cand)``) came from.
-
-    A detection carries its candidate's predicted IoU, copied, so equal values identify it; when several
-    candidates share it (rare), the highest of their similarities is taken.
-    """
+    """The prompt similarity of the candidate each detection of ``dets`` (``Segmenter.label(cand)``) came from:
+    the detection's ``candidate_index`` names its candidate, whose ``prompt_index`` names its prompt."""
     if cand.prompt_similarities is None or cand.prompt_index is None:
         raise PromptSelectionError("the candidates carry no prompt similarities: propose them with "
                                    "Segmenter.propose(images, with_prompt_similarities=True) and a proposer that "
                                    "reports its prompts")
-    per_candidate = cand.prompt_similarities[cand.prompt_index.to(cand.prompt_similarities.device)].cpu().numpy()
-    cand_iou = cand.pred_iou.float().cpu().numpy()
-    det_iou = np.asarray(dets.pred_iou, dtype=np.float32)
-    out = np.empty(len(det_iou), dtype=np.float64)
-    for i, value in enumerate(det_iou):
-        same = cand_iou == value
-        if not same.any():
-            raise PromptSelectionError("a detection matches no candidate: label the candidates it was proposed from")
-        out[i] = per_candidate[same].max()
-    return out
+    if dets.candidate_index is None or (dets.candidate_index >= len(cand)).any():
+        raise PromptSelectionError("the detections do not name their candidates among these: label the "
+                                   "candidates they were proposed from with Segmenter.label")
+    per_candidate = cand.prompt_similarities[cand.prompt_index.to(cand.prompt_similarities.device)]
+    return per_candidate.cpu().numpy().astype(np.float64)[dets.candidate_index]
 
 
 def estimate_prompt_threshold(segmenter, held_out: Iterable[HeldOutImage], share: float = 0.95
