@@ -164,6 +164,28 @@ def test_a_stored_threshold_is_applied_and_refused_when_missing_or_stale(toy, tm
         Segmenter(proposer, encoder, loaded, on)
 
 
+def test_calibrate_bank_estimates_what_is_asked_and_checks_first(toy):
+    from refseg.method.calibration import calibrate_bank
+    from refseg.method.thresholds import ThresholdError
+
+    proposer, encoder, bank, held_out = toy
+    bank = bank.without([])
+
+    def unread():  # the checks come before any image is labelled
+        raise AssertionError("labelled before the settings were checked")
+        yield
+
+    with pytest.raises(PromptSelectionError, match="needs a proposer with prompt points"):
+        calibrate_bank(Segmenter(ColorRegionProposer(), encoder, bank, TOY), unread(), 0.9, 0.95)
+    with pytest.raises(ThresholdError, match="nothing to calibrate"):
+        calibrate_bank(Segmenter(proposer, encoder, bank, TOY), unread(), None, None)
+    with pytest.raises(PromptSelectionError, match=r"share of detections to keep must be in \(0, 1\]"):
+        calibrate_bank(Segmenter(proposer, encoder, bank, TOY), unread(), 0.9, 1.5)
+    found = calibrate_bank(Segmenter(proposer, encoder, bank, TOY), iter(held_out), None, 0.9)
+    assert found.thresholds is None and bank.thresholds == {} and found.images == 4
+    assert stored_prompt_threshold(bank) == found.prompt.threshold and found.lines() == [found.prompt.describe()]
+
+
 def test_a_proposer_without_prompts_works_off_and_is_refused_on(toy):
     _, encoder, bank, held_out = toy
     plain = ColorRegionProposer()

@@ -35,6 +35,10 @@ from refseg.errors import RefsegError
 from refseg.method.thresholds import HeldOutImage
 
 
+HOW_TO_CHOOSE = ("refseg calibrate --prompt-share 0.95, or the plugin's calibrate_thresholds with its prompt "
+                 "threshold option")
+
+
 class PromptSelectionError(RefsegError, ValueError):
     """Prompt selection that cannot be used (no threshold stored, a stale one, a proposer without prompts...)."""
 
@@ -114,6 +118,12 @@ def detection_prompt_similarities(cand, dets) -> np.ndarray:
     return per_candidate.cpu().numpy().astype(np.float64)[dets.candidate_index]
 
 
+def check_share(share: float) -> None:
+    """Refuse a share of detections to keep outside (0, 1]."""
+    if not 0 < share <= 1:
+        raise PromptSelectionError(f"the share of detections to keep must be in (0, 1], got {share!r}")
+
+
 def estimate_prompt_threshold(segmenter, held_out: Iterable[HeldOutImage], share: float = 0.95
                               ) -> PromptThreshold:
     """Leave-one-out over the reference images with the models and settings of ``segmenter``, every prompt
@@ -121,8 +131,7 @@ def estimate_prompt_threshold(segmenter, held_out: Iterable[HeldOutImage], share
     from refseg.io.images import ImageLoadError, load_image
     from refseg.method.pipeline import Segmenter
 
-    if not 0 < share <= 1:
-        raise PromptSelectionError(f"the share of detections to keep must be in (0, 1], got {share!r}")
+    check_share(share)
     config = segmenter.config
     every_prompt = dataclasses.replace(config, proposal=dataclasses.replace(config.proposal, prompt_similarity=None),
                                        merge=dataclasses.replace(config.merge, class_thresholds=False))
@@ -159,11 +168,10 @@ def stored_prompt_threshold(bank, where: str = "the bank") -> float:
     """The prompt threshold stored with ``bank``; refused when there is none or the bank changed since."""
     stored = bank.prompt_similarity
     if not stored or stored.get("threshold") is None:
-        raise PromptSelectionError(f"{where} holds no prompt similarity threshold: choose one first (refseg calibrate "
-                                   "--prompt-share 0.95)")
+        raise PromptSelectionError(f"{where} holds no prompt similarity threshold: choose one first ({HOW_TO_CHOOSE})")
     if stored.get("embeddings_sha256") != bank.embeddings_sha256():
         raise PromptSelectionError(f"the prompt similarity threshold of {where} was chosen for other references (the "
-                                   "bank changed since): choose it again (refseg calibrate --prompt-share)")
+                                   f"bank changed since): choose it again ({HOW_TO_CHOOSE})")
     return float(stored["threshold"])
 
 
