@@ -28,6 +28,7 @@ from refseg.models.registry import encoder_names
 from refseg.models.sam2_proposer import SAM2_VARIANTS
 from refseg.runtime.run_spec import RunSpecError
 from refseg_fiftyone import core, fiftyone_access, review
+from refseg_fiftyone.status import class_thresholds_text, prompt_threshold_text, recorded_prompt_threshold
 
 from .panel import RefsegPanel, announce_ended_jobs
 
@@ -472,7 +473,7 @@ class AutoLabel(_RefsegOperator):
                  reference_tag=None, existing=core.DEFAULT_EXISTING, score_threshold=None, preset=None,
                  overrides=None, batch_size=core.DEFAULT_LABEL_BATCH_SIZE, device=None, cache_candidates=None,
                  num_shards=None, shard_index=None,
-                 devices=None, class_thresholds=False, delegate=False):
+                 devices=None, class_thresholds=False, prompt_selection=False, delegate=False):
         """Label ``sample_collection`` (except the reference samples) into ``label_field`` with a bank.
 
         Returns the run report, or the queued job when ``delegate`` is True.
@@ -481,13 +482,14 @@ class AutoLabel(_RefsegOperator):
         (:func:`core.shard_of`). ``num_shards`` > 1 without ``shard_index``: queue ``num_shards``
         delegated jobs, one per shard, for as many workers (``fiftyone delegated launch``), and
         return ``{"jobs": [their ids], ...}``. ``devices`` (``"all"``, ``"cuda:0,cuda:1"``): every
-        listed local device at once, one worker process each.
+        listed local device at once, one worker process each. ``class_thresholds`` / ``prompt_selection``: the
+        bank's class thresholds / prompt threshold, stored by calibrate_thresholds.
         """
         return _call(self, sample_collection, dict(
             bank_name=bank_name, label_field=label_field, reference_tag=reference_tag, existing=existing,
             score_threshold=score_threshold, preset=preset, overrides=overrides, batch_size=batch_size,
             device=device, cache_candidates=cache_candidates, num_shards=num_shards, shard_index=shard_index,
-            devices=devices, class_thresholds=class_thresholds), delegate)
+            devices=devices, class_thresholds=class_thresholds, prompt_selection=prompt_selection), delegate)
 
     def _targets(self, ctx):
         return core._targets(_scope_view(ctx), self._reference_tag(ctx))
@@ -527,6 +529,8 @@ class AutoLabel(_RefsegOperator):
             overrides += (("merge.score_threshold", float(p["score_threshold"])),)
         if p.get("class_thresholds"):
             overrides += (("merge.class_thresholds", True),)
+        if p.get("prompt_selection"):
+            overrides += (("proposal.prompt_similarity", "bank"),)
         return core.run_spec_for_labelling(ctx.dataset, p.get("bank_name") or core.DEFAULT_BANK, p.get("preset"),
                                            overrides)
 
@@ -555,11 +559,18 @@ class AutoLabel(_RefsegOperator):
                      description="Drop detections scoring below this (default: the preset's, 0)")
         if record.get("thresholds"):  # estimated by calibrate_thresholds
             inputs.bool("class_thresholds", default=False, label="Apply the class thresholds",
-                        description="Drop detections below their class's threshold (target precision "
-                                    f"{record['thresholds']['target_precision']}: "
-                                    + "; ".join(f"{c['class_name']} {c['threshold']:.2f}" if c["threshold"] is not None
-                                                else f"{c['class_name']} {c['status']}"
-                                                for c in record["thresholds"]["classes"]) + ")",
+                        description="Drop detections below their class's threshold ("
+                                    + class_thresholds_text(record["thresholds"]) + ")",
+                        view=types.CheckboxView())
+        prompt = recorded_prompt_threshold(record)
+        if prompt is not None:  # chosen by calibrate_thresholds for the bank as it is
+            inputs.bool("prompt_selection", default=False,
+                        label=f"Skip prompts far from the bank (stored threshold {prompt['threshold']:.3f})",
+                        description="Decode only the grid prompts whose image feature is this similar to a class "
+                                    "of the bank or more: faster (the prompt decoder is most of the labelling "
+                                    "time), but an object whose prompts all fall below it is missed, so recall "
+                                    "drops a little. On the references: "
+                                    + prompt_threshold_text(prompt),
                         view=types.CheckboxView())
         overrides = _preset_input(inputs, record.get("preset", core.DEFAULT_PRESET))
         spec = _check_models(lambda: self._spec(ctx), {"overrides": overrides})
@@ -621,7 +632,7 @@ class AutoLabel(_RefsegOperator):
             existing=p.get("existing") or core.DEFAULT_EXISTING,
             cache_candidates=bool(p.get("cache_candidates", _cache_default(ctx))),
             num_shards=self._num_shards(ctx), shard_index=p.get("shard_index"), devices=p.get("devices") or None,
-            class_thresholds=bool(p.get("class_thresholds")))
+            class_thresholds=bool(p.get("class_thresholds")), prompt_selection=bool(p.get("prompt_selection")))
         if ctx.delegated or not p.get("stream_progress", True):
             try:
                 report = await _drain(generator, _progress_to_ctx(ctx))
@@ -931,32 +942,61 @@ class CalibrateThresholds(_RefsegOperator):
     def config(self):
         return foo.OperatorConfig(
             name="calibrate_thresholds",
-            label="refseg: calibrate class thresholds",
-            description="Per-class score thresholds that reach a target precision, estimated on the bank's references",
+            label="refseg: calibrate thresholds",
+            description="Per-class score thresholds that reach a target precision, and / or the threshold that "
+                        "skips prompts far from the bank, estimated on the bank's references",
             dynamic=True,
             allow_delegated_execution=True,
         )
 
     def __call__(self, sample_collection, bank_name=core.DEFAULT_BANK, label_field=None, target_precision=0.9,
-                 device=None, delegate=False):
-        """Estimate and store the class thresholds of bank ``bank_name``; returns the report."""
-        return _call(self, sample_collection, dict(bank_name=bank_name, label_field=label_field,
-                                                   target_precision=target_precision, device=device), delegate)
+                 prompt_share=None, device=None, delegate=False):
+        """Estimate and store with bank ``bank_name`` its class thresholds reaching ``target_precision`` and /
+        or its prompt threshold keeping ``prompt_share`` of the detections (None: not that one, as in
+        ``refseg calibrate --prompt-share``); returns the report."""
+        return _call(self, sample_collection, dict(
+            bank_name=bank_name, label_field=label_field, class_thresholds=target_precision is not None,
+            target_precision=target_precision, prompt_threshold=prompt_share is not None, prompt_share=prompt_share,
+            device=device), delegate)
 
     def resolve_input(self, ctx):
         inputs = types.Object()
-        view = types.View(label="refseg: calibrate class thresholds")
+        view = types.View(label="refseg: calibrate thresholds")
         bank = _bank_input(ctx, inputs)
         if bank is None:
             return types.Property(inputs, view=view)
         record = core.bank_record(ctx.dataset, bank)
-        _field_input(ctx, inputs, "label_field", "Annotations", "The reference samples' ground truth",
-                     default=record.get("label_field"), required=False)
-        inputs.float("target_precision", default=0.9, min=0.01, max=1.0, label="Target precision",
-                     description="Each class gets the lowest score threshold whose detections reach this precision")
-        inputs.view("calibrate_notice", types.Notice(label=(
-            "Each reference sample is labelled with the bank minus its own references; every instance of the bank's "
-            "classes on the reference samples must be annotated, or the estimates come out too low.")))
+        stored = [f"class thresholds ({class_thresholds_text(record['thresholds'])})"] if record.get("thresholds") \
+            else []
+        prompt = recorded_prompt_threshold(record)
+        stored += [f"prompt threshold ({prompt_threshold_text(prompt)})"] if prompt is not None else []
+        if stored:
+            inputs.view("stored_notice", types.Notice(label="Stored with the bank now: " + "; ".join(stored)))
+        classes = inputs.bool("class_thresholds", default=True, label="Class thresholds",
+                              description="Per class, the lowest score threshold whose detections reach a target "
+                                          "precision (auto-label's *Apply the class thresholds*)",
+                              view=types.CheckboxView())
+        if ctx.params.get("class_thresholds", True):
+            _field_input(ctx, inputs, "label_field", "Annotations", "The reference samples' ground truth",
+                         default=record.get("label_field"), required=False)
+            inputs.float("target_precision", default=0.9, min=0.01, max=1.0, label="Target precision",
+                         description="Each class gets the lowest score threshold whose detections reach this "
+                                     "precision")
+            inputs.view("calibrate_notice", types.Notice(label=(
+                "Each reference sample is labelled with the bank minus its own references; every instance of the "
+                "bank's classes on the reference samples must be annotated, or the estimates come out too low.")))
+        inputs.bool("prompt_threshold", default=False, label="Prompt threshold",
+                    description="The similarity to the bank below which auto-label can skip a grid prompt (its "
+                                "*Skip prompts far from the bank*: faster, a little less recall), chosen to keep "
+                                "a share of the detections on the references; needs a proposer with prompt "
+                                "points (SAM2), no annotation",
+                    view=types.CheckboxView())
+        if ctx.params.get("prompt_threshold"):
+            inputs.float("prompt_share", default=0.95, min=0.01, max=1.0, label="Share of detections to keep",
+                         description="The highest threshold keeping at least this share of the references' "
+                                     "leave-one-out detections (as refseg calibrate --prompt-share)")
+        if not ctx.params.get("class_thresholds", True) and not ctx.params.get("prompt_threshold"):
+            _invalid(classes, "choose what to estimate: the class thresholds, the prompt threshold or both")
         _device_input(ctx, inputs)
         _delegate_input(ctx, inputs, False)
         return types.Property(inputs, view=view)
@@ -965,11 +1005,15 @@ class CalibrateThresholds(_RefsegOperator):
         p = ctx.params
         report = core.calibrate_thresholds(
             ctx.dataset, bank_name=p.get("bank_name") or core.DEFAULT_BANK, label_field=p.get("label_field"),
-            target_precision=float(p.get("target_precision") or 0.9), device=p.get("device"))
-        report["summary"] = (f"Thresholds stored with the bank (target precision {report['target_precision']}, "
-                             f"{report['images']} reference image(s)):\n\n" + "\n".join(
-                                 f"- {line}" for line in report["lines"])
-                             + "\n\nApply them with auto-label's *class thresholds* option.")
+            target_precision=float(p.get("target_precision") or 0.9) if p.get("class_thresholds", True) else None,
+            prompt_share=float(p.get("prompt_share") or 0.95) if p.get("prompt_threshold") else None,
+            device=p.get("device"))
+        how = ["*Apply the class thresholds*"] if "classes" in report else []
+        if (report.get("prompt_threshold") or {}).get("threshold") is not None:
+            how.append("*Skip prompts far from the bank*")
+        report["summary"] = (f"Stored with the bank ({report['images']} reference image(s)):\n\n"
+                             + "\n".join(f"- {line}" for line in report["lines"])
+                             + (f"\n\nApply with auto-label's {' and '.join(how)} option." if how else ""))
         return report
 
 

@@ -1,7 +1,8 @@
 """The refseg panel of the App: one place to follow a dataset's refseg work.
 
 It shows what :func:`refseg_fiftyone.status.dataset_status` gathers: the memory banks
-(references per class, positives and negatives, and crops of a few references), the
+(references per class, positives and negatives, the thresholds stored with them, and crops of a
+few references), the
 labelling runs (the last one per output field, and the delegated jobs still queued or
 running), the review counts and the last evaluation with per-class AP@[.50:.95] and AP50.
 It reads the dataset when it opens, when the dataset changes and when Refresh is pressed; while a
@@ -97,6 +98,7 @@ class RefsegPanel(foo.Panel):
                 thumbs.append({"image": uri is not None, "class": ref["class"], "negative": ref["negative"],
                                "filepath": ref["filepath"]})
             banks.append({"name": bank["name"], "encoder": bank["encoder"], "error": bank["error"],
+                          "class_thresholds": bank["class_thresholds"], "prompt_threshold": bank["prompt_threshold"],
                           "thumbs": thumbs})
         ctx.panel.set_data("runs", _run_rows(info))
         ctx.panel.set_data("review", [{k: str(v) for k, v in r.items()} for r in info["review"]])
@@ -149,6 +151,10 @@ class RefsegPanel(foo.Panel):
             panel.md(f"**{bank['name']}** ({bank['encoder']})", name=f"bank_{i}_title")
             _table(panel, f"bank_{i}_counts", [("class", "Class"), ("positives", "Positives"),
                                                ("negatives", "Negatives")])
+            if bank.get("class_thresholds"):
+                panel.md(f"Class thresholds: {bank['class_thresholds']}", name=f"bank_{i}_class_thresholds")
+            if bank.get("prompt_threshold"):
+                panel.md(f"Prompt threshold: {bank['prompt_threshold']}", name=f"bank_{i}_prompt_threshold")
             if bank["error"]:
                 panel.md(f"References cannot be shown: {bank['error']}", name=f"bank_{i}_error")
                 continue

@@ -385,8 +385,9 @@ def _held_out_images(bank, gt: dict, image_dir: Path, skipped: list[str]):
 
 def cmd_calibrate(args) -> int:
     from refseg.io.coco import read_coco
+    from refseg.method.calibration import calibrate_bank
     from refseg.method.memory_bank import MemoryBank
-    from refseg.method.thresholds import NO_DATA, UNREACHABLE, estimate_thresholds, store_thresholds
+    from refseg.method.thresholds import NO_DATA, UNREACHABLE
 
     bank_path = _need_file(args.bank, "memory bank")
     image_dir = _need_dir(args.images, "image folder")
@@ -412,18 +413,12 @@ def cmd_calibrate(args) -> int:
     _say(f"labelling {len(held_out)} reference image(s), each with the bank minus its own references "
          f"(target precision {args.target_precision}); the images' instances of the bank's classes must all be "
          "annotated in the ground truth, else the estimates are too low")
-    report = estimate_thresholds(segmenter, held_out, args.target_precision)
-    for name, reason in report.failed:
+    calibration = calibrate_bank(segmenter, held_out, args.target_precision, args.prompt_share)
+    for name, reason in calibration.failed:
         _warn(f"{name}: {reason}")
-    for line in report.lines():
+    for line in calibration.lines():
         _say(f"  {line}")
-    store_thresholds(bank, report)
-    if args.prompt_share is not None:
-        from refseg.method.prompt_selection import estimate_prompt_threshold, store_prompt_threshold
-
-        found = estimate_prompt_threshold(segmenter, held_out, args.prompt_share)
-        _say(f"  {found.describe()}")
-        store_prompt_threshold(bank, found)
+    report = calibration.thresholds
     out = Path(args.out or bank_path)
     bank.save(out)
     _say(f"class thresholds stored in {out}; apply them with refseg predict --class-thresholds"

@@ -128,8 +128,8 @@ class ColorRegionProposer:
 class GridColorProposer(ColorRegionProposer):
     """:class:`ColorRegionProposer` as if prompted by a point grid (``proposal.points_per_side`` on a side of
     the ``proposal.image_size`` frame), for prompt selection: each region is the proposal of the first grid
-    point inside it (a region without one is not proposed), a skipped prompt proposes nothing, and the
-    predicted IoUs are made distinct (each proposal's minus 1e-4 per place) so detections trace back to them."""
+    point inside it (a region without one is not proposed) and a skipped prompt proposes nothing. The predicted
+    IoUs are :class:`ColorRegionProposer`'s, so many proposals share one."""
 
     def __init__(self, device: str | torch.device = "cpu", config=None):
         from refseg.method.config import ProposalConfig
@@ -150,8 +150,7 @@ class GridColorProposer(ColorRegionProposer):
             inside = props.logits[:, cells[:, 1], cells[:, 0]] > 0  # [N, P]
             has, first = inside.any(1), inside.int().argmax(1)
             keep = has if prompt_mask is None else has & prompt_mask[b].to(has.device)[first]
-            distinct = props.pred_iou - 1e-4 * torch.arange(len(props), device=props.pred_iou.device)
-            out.append(Proposals(props.logits[keep], distinct[keep], first[keep]))
+            out.append(Proposals(props.logits[keep], props.pred_iou[keep], first[keep]))
         return out
 
 

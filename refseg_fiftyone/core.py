@@ -51,7 +51,9 @@ from refseg.models.registry import DEFAULT_ENCODER, DEFAULT_PROPOSER  # noqa: F4
 from refseg.runtime.run_spec import RunSpec, format_overrides, parse_overrides  # noqa: F401 (plugin API)
 from refseg.method.references import BankBuilder, BankReport, box_problem, masks_from_boxes
 from refseg.runtime.labelling import LabelStats, batched, label_stream
-from refseg.method.thresholds import HeldOutImage, estimate_thresholds, store_thresholds
+from refseg.method.calibration import calibrate_bank
+from refseg.method.prompt_selection import stored_prompt_threshold
+from refseg.method.thresholds import HeldOutImage, stored_thresholds
 
 from . import fiftyone_access
 from .convert import (box_to_pixels, detection_box_pixels, detection_mask, mask_to_crop, pixel_xywh,
@@ -514,48 +516,63 @@ def _truth_of(sample, image_shape, label_field: str, classes: set) -> tuple[np.n
 
 
 def calibrate_thresholds(samples, *, bank_name: str = DEFAULT_BANK, label_field: str | None = None,
-                         target_precision: float = 0.9, device: str | None = None) -> dict:
-    """Per-class score thresholds reaching ``target_precision``, estimated on the bank's reference samples
-    (:mod:`refseg.method.thresholds`): each is labelled with the bank minus its own references and its
-    ``label_field`` instances are the ground truth, so every instance of the bank's classes on the reference
-    samples must be annotated. The thresholds are stored with the bank; ``auto_label(class_thresholds=True)``
-    applies them. Returns the report (per class: threshold, precision, recall, instances)."""
+                         target_precision: float | None = 0.9, prompt_share: float | None = None,
+                         device: str | None = None) -> dict:
+    """Calibrate a bank on its reference samples (:func:`refseg.method.calibration.calibrate_bank`, what
+    ``refseg calibrate`` runs): each is labelled with the bank minus its own references.
+
+    ``target_precision`` (None: not now): per-class score thresholds reaching it, with the samples'
+    ``label_field`` instances as the ground truth, so every instance of the bank's classes on the reference
+    samples must be annotated; ``auto_label(class_thresholds=True)`` applies them. ``prompt_share`` (None: not
+    now): the prompt-selection threshold keeping that share of the detections (no annotation needed; the
+    bank's proposer must have prompt points); ``auto_label(prompt_selection=True)`` applies it. Both are stored
+    with the bank and shown in its record (``thresholds``, ``prompt_threshold``); one not estimated now stays
+    as it was. Returns the report: ``images``, ``failed``, ``lines``, the class part (``target_precision``,
+    ``label_field``, ``classes``) and ``prompt_threshold`` when estimated."""
     dataset = fiftyone_access.root_dataset(samples)
     bank, record = load_bank(dataset, bank_name)
-    models = RunSpec.from_dict(record["models"])
-    models = models.with_changes(overrides=(*models.overrides, ("merge.class_thresholds", False)))
-    device = resolve_device(device, dataset)
-    segmenter = models.build_segmenter(bank, proposer=load_proposer(models, device),
-                                       encoder=load_encoder(models, device))
     by_sample: dict[str, list[str]] = {}
     for entry in bank.entries:
         if not entry.negative and entry.source.get("sample_id"):
             by_sample.setdefault(str(entry.source["sample_id"]), []).append(entry.id)
     if not by_sample:
         raise ValueError(f"bank {bank_name!r} names no reference sample of this dataset: nothing to estimate from")
-    field = label_field or record.get("label_field")
-    if not field:
-        raise ValueError("give the label field that holds the reference samples' annotations")
-    check_detections_field(dataset, field, "ground-truth")
+    field = None
+    if target_precision is not None:  # the class thresholds need the ground truth
+        field = label_field or record.get("label_field")
+        if not field:
+            raise ValueError("give the label field that holds the reference samples' annotations")
+        check_detections_field(dataset, field, "ground-truth")
+    models = RunSpec.from_dict(record["models"])
+    models = models.with_changes(overrides=(*models.overrides, ("merge.class_thresholds", False)))
+    device = resolve_device(device, dataset)
+    segmenter = models.build_segmenter(bank, proposer=load_proposer(models, device),
+                                       encoder=load_encoder(models, device))
     classes = set(bank.class_names)
     held_out, unreadable = [], []
-    for sample in dataset.select(list(by_sample), ordered=True).select_fields(field).iter_samples():
+    references = dataset.select(list(by_sample), ordered=True)
+    for sample in (references.select_fields(field) if field else references.select_fields()).iter_samples():
         try:
             shape = image_size(sample.filepath)  # after EXIF rotation, like the masks' frame
         except ImageLoadError as exc:
             unreadable.append((sample.filepath, str(exc)))
             continue
-        masks, names = _truth_of(sample, shape, field, classes)
+        masks, names = _truth_of(sample, shape, field, classes) if field else (np.zeros((0, *shape), bool), [])
         held_out.append(HeldOutImage(sample.filepath, by_sample[sample.id], masks, names, name=sample.filepath))
-    report = estimate_thresholds(segmenter, held_out, target_precision)
-    report.failed[:0] = unreadable
-    store_thresholds(bank, report)
-    summary = {"target_precision": float(target_precision), "label_field": field, "images": report.images,
-               "classes": [t.to_dict() for t in report.classes.values()],
-               "failed": [{"filepath": f, "error": e} for f, e in report.failed], "lines": report.lines()}
-    extra = {k: record[k] for k in ("label_field", "reference_tag") if k in record}
-    _save_bank(dataset, bank_name, bank, RunSpec.from_dict(record["models"]), extra={**extra, "thresholds": summary},
-               updating=True)
+    calibration = calibrate_bank(segmenter, held_out, target_precision, prompt_share)
+    failed = [{"filepath": f, "error": e} for f, e in [*unreadable, *calibration.failed]]
+    summary = {"images": calibration.images, "failed": failed, "lines": calibration.lines()}
+    extra = {k: record[k] for k in ("label_field", "reference_tag", "thresholds", "prompt_threshold") if k in record}
+    if calibration.thresholds is not None:
+        report = calibration.thresholds
+        extra["thresholds"] = {"target_precision": float(target_precision), "label_field": field,
+                               "images": report.images, "classes": [t.to_dict() for t in report.classes.values()],
+                               "failed": failed, "lines": report.lines()}
+        summary.update({k: extra["thresholds"][k] for k in ("target_precision", "label_field", "classes")})
+    if calibration.prompt is not None:
+        extra["prompt_threshold"] = summary["prompt_threshold"] = {**calibration.prompt.to_dict(),
+                                                                   "line": calibration.prompt.describe()}
+    _save_bank(dataset, bank_name, bank, RunSpec.from_dict(record["models"]), extra=extra, updating=True)
     return summary
 
 
@@ -720,7 +737,7 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
                     device: str | None = None, score_threshold: float | None = None, preset: str | None = None,
                     overrides: str | dict | None = None, existing: str = "resume", cache_candidates: bool = False,
                     num_shards: int = 1, shard_index: int = 0, devices: str | Iterable[str] | None = None,
-                    class_thresholds: bool = False) -> Generator[Progress, None, dict]:
+                    class_thresholds: bool = False, prompt_selection: bool = False) -> Generator[Progress, None, dict]:
     """Label the samples (except those tagged ``reference_tag``) with a bank; yields progress, returns a report.
 
     ``existing`` decides what happens to samples whose ``label_field`` is already set:
@@ -745,6 +762,10 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
     process each (:class:`refseg.runtime.device_pool.DevicePool`); ``batch_size`` is then per device.
     None or "" (or a single device) labels in this process on ``device`` / that device. The
     workers share the candidate cache.
+
+    ``class_thresholds`` / ``prompt_selection``: apply the bank's per-class thresholds / decode only the
+    prompts near the bank (``proposal.prompt_similarity=bank``), both stored by :func:`calibrate_thresholds`;
+    refused, before any model is loaded, when the bank has none or changed since.
     """
     if existing not in EXISTING_MODES:
         raise ValueError(f"existing must be one of {', '.join(EXISTING_MODES)}, not {existing!r}")
@@ -758,8 +779,13 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
     extra_overrides = parse_overrides(overrides)
     if score_threshold is not None:
         extra_overrides += (("merge.score_threshold", float(score_threshold)),)
+    where = f"memory bank {bank_name!r}"
     if class_thresholds:  # the bank's per-class thresholds (calibrate_thresholds); refused if none or stale
+        stored_thresholds(bank, where)
         extra_overrides += (("merge.class_thresholds", True),)
+    prompt_threshold = stored_prompt_threshold(bank, where) if prompt_selection else None  # the same
+    if prompt_selection:
+        extra_overrides += (("proposal.prompt_similarity", "bank"),)
     if preset or extra_overrides:
         models = models.with_changes(preset=preset, overrides=models.overrides + extra_overrides)
     _ensure_output_field(dataset, label_field)
@@ -784,6 +810,8 @@ def iter_auto_label(samples, *, bank_name: str = DEFAULT_BANK, label_field: str 
     report = {"bank": bank_name, "label_field": label_field,
               "shard": {"index": shard_index, "count": num_shards} if num_shards > 1 else None,
               "devices": used_devices, "status": "running"}
+    if prompt_threshold is not None:
+        report["prompt_threshold"] = prompt_threshold  # prompts decoded only at this similarity to the bank or more
     stats = LabelStats(total=0)
     try:
         report.update((yield from _label_targets(dataset, targets, segmenter, cache, label_field, bank_name, existing,

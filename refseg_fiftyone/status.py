@@ -3,8 +3,9 @@
 :func:`dataset_status` gathers, from the dataset alone (no models are loaded):
 
 - ``banks``: each memory bank of ``info["refseg_banks"]`` with its references per class
-  (positives, negatives) and a few references per class to look at (the sample's file and the
-  reference label's box, found from the bank entries' FiftyOne sources);
+  (positives, negatives), the thresholds stored with it (:func:`refseg_fiftyone.core.calibrate_thresholds`)
+  and a few references per class to look at (the sample's file and the reference label's box, found
+  from the bank entries' FiftyOne sources);
 - ``runs``: the last labelling run per output field (``info["refseg_runs"]``) and the delegated
   jobs of this plugin on this dataset that are queued, scheduled or running (FiftyOne's
   delegated-operation queue), with their progress;
@@ -29,6 +30,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from refseg import ImageLoadError, MemoryBank, load_image
+from refseg.method.prompt_selection import PromptThreshold
 
 from . import core
 
@@ -58,15 +60,20 @@ def dataset_status(dataset, thumbnails_per_class: int = THUMBNAILS_PER_CLASS, de
 
 
 def bank_summary(dataset, bank_name: str, thumbnails_per_class: int = THUMBNAILS_PER_CLASS) -> dict:
-    """One bank: its models, references per class (positives, negatives) and references to show.
+    """One bank: its models, references per class (positives, negatives), its stored thresholds and
+    references to show.
 
-    The counts are the record's (written with the bank); the references come from the bank
+    The counts and thresholds are the record's (written with the bank; ``class_thresholds`` and
+    ``prompt_threshold`` are one line each, None when none is stored); the references come from the bank
     file's entries. A file that cannot be read (missing, replaced) gives ``error`` and no references."""
     record = core.bank_record(dataset, bank_name)
+    prompt = recorded_prompt_threshold(record)
     summary = {"name": bank_name, "encoder": record.get("encoder"), "proposer": record.get("proposer"),
                "preset": record.get("preset"), "updated_at": record.get("updated_at"),
                "counts": [{"class": c["class"], "positives": int(c.get("references", 0)),
                            "negatives": int(c.get("negatives", 0))} for c in record.get("counts", [])],
+               "class_thresholds": class_thresholds_text(record["thresholds"]) if record.get("thresholds") else None,
+               "prompt_threshold": prompt_threshold_text(prompt) if prompt is not None else None,
                "references": [], "error": None}
     try:
         bank, _ = core.load_bank(dataset, bank_name)
@@ -75,6 +82,26 @@ def bank_summary(dataset, bank_name: str, thumbnails_per_class: int = THUMBNAILS
         return summary
     summary["references"] = reference_examples(dataset, bank, thumbnails_per_class)
     return summary
+
+
+def class_thresholds_text(thresholds: dict) -> str:
+    """A bank record's ``thresholds`` in one line: the target precision and each class's threshold (or why
+    it has none)."""
+    return (f"target precision {thresholds['target_precision']}: "
+            + "; ".join(f"{c['class_name']} {c['threshold']:.2f}" if c["threshold"] is not None
+                        else f"{c['class_name']} {c['status']}" for c in thresholds["classes"]))
+
+
+def recorded_prompt_threshold(record: dict) -> dict | None:
+    """The prompt threshold a bank record holds (``prompt_threshold``), None when none was stored or the
+    estimate found none. A record holds it only while it fits the bank: updating the bank drops it."""
+    prompt = record.get("prompt_threshold") or {}
+    return prompt if prompt.get("threshold") is not None else None
+
+
+def prompt_threshold_text(prompt: dict) -> str:
+    """A recorded prompt threshold in one line: the threshold, and what it kept on the references."""
+    return PromptThreshold.from_dict(prompt).describe()
 
 
 def reference_examples(dataset, bank: MemoryBank, per_class: int = THUMBNAILS_PER_CLASS) -> list[dict]:

@@ -124,7 +124,8 @@ def test_results_cross_the_pipe_as_tight_crops():
     # as the pipeline makes them: masks given in (loose) windows, never as full arrays
     windows = [[25, 5, 40, 25], [0, 0, 0, 0], [0, 0, 80, 60], [70, 50, 80, 60]]
     crops = [masks[i, y1:y2, x1:x2] if x2 > x1 else None for i, (x1, y1, x2, y2) in enumerate(windows)]
-    compact = Detections.from_crops((60, 80), windows, crops, scores, labels, ["a", "b"], pred_iou=np.full(4, 0.5))
+    compact = Detections.from_crops((60, 80), windows, crops, scores, labels, ["a", "b"], pred_iou=np.full(4, 0.5),
+                                    candidate_index=np.array([5, 0, 2, 9]))
     for dets in (dense, compact):
         packed = _pack(dets)
         assert isinstance(packed["masks"], CompactMasks) and packed["masks"] is dets.compact  # reused, not re-derived
@@ -135,4 +136,5 @@ def test_results_cross_the_pipe_as_tight_crops():
         assert np.array_equal(back.masks, masks) and back.masks.dtype == bool
         assert np.array_equal(back.boxes, dense.boxes) and back.labels.tolist() == [0, 1, 0, 1]
         assert back.boxes.tolist() == [[30, 10, 35, 20], [0, 0, 0, 0], [0, 0, 80, 60], [79, 59, 80, 60]]
+        assert (back.candidate_index is None if dets is dense else back.candidate_index.tolist() == [5, 0, 2, 9])
     assert compact._masks is None  # packing compact detections made no full mask

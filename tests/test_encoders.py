@@ -37,6 +37,7 @@ from refseg.models.timm_encoder import (
 
 SIZE = 64  # input side: a 4 x 4 patch grid
 DINOV3, RADIO = "vit_small_patch16_dinov3", "vit_base_patch16_radio_v3"  # the smallest of each family
+QKVB, TINY_QKVB = "vit_small_patch16_dinov3_qkvb", "vit_tiny_patch16_dinov3_qkvb"  # timm's twins with qkv biases
 
 
 @pytest.fixture(autouse=True)
@@ -84,16 +85,23 @@ def test_registry_matches_timm():
     expected_dinov3 = {f"vit_{s}_patch16_dinov3" for s in ("small", "small_plus", "base", "large", "huge_plus", "7b")}
     expected_radio = {f"vit_{s}_patch16_radio_v3" for s in ("base", "large", "huge", "giant")} | {
         "vit_so400m_patch16_radio_v4", "vit_huge_patch16_radio_v4"}
-    assert set(TIMM_VARIANTS) == expected_dinov3 | expected_radio
+    expected_qkvb = set(timm.list_models("*_dinov3_qkvb"))  # every one timm has
+    assert expected_qkvb >= {f"{n}_qkvb" for n in expected_dinov3 - {"vit_7b_patch16_dinov3"}}
+    assert set(TIMM_VARIANTS) == expected_dinov3 | expected_qkvb | expected_radio
     for name, v in TIMM_VARIANTS.items():
         assert timm.is_model(name)
-        tag = "lvd1689m" if v.family == "dinov3" else "c_radio"
+        tag = ("c_radio" if v.family == "c-radio" else "eupe_lvd1689m" if name == "vit_tiny_patch16_dinov3_qkvb"
+               else "lvd1689m")
         cfg = timm.models.get_pretrained_cfg(f"{name}.{tag}")
         assert tuple(cfg.mean) == pytest.approx(v.mean) and tuple(cfg.std) == pytest.approx(v.std)
         assert v.input_size % 16 == 0
         assert v.checkpoint.url == f"https://huggingface.co/timm/{name}.{tag}/resolve/main/model.safetensors"
         assert all(s.spec.sha256 is None for s in v.sources)  # no official hash is known: trust on first use
-    assert timm_variant("dinov3_vits16plus").name == "vit_small_plus_patch16_dinov3"
+    assert timm_variant("dinov3_vits16plus").name == "vit_small_plus_patch16_dinov3"  # Meta's stem: the plain one
+    plain, twin = TIMM_VARIANTS["vit_base_patch16_dinov3"], TIMM_VARIANTS["vit_base_patch16_dinov3_qkvb"]
+    assert (twin.dim, twin.input_size, twin.mean, twin.std, twin.features) == (
+        plain.dim, plain.input_size, plain.mean, plain.std, plain.features)
+    assert twin.sources[1:] == plain.sources[1:] and not twin.aliases  # the same Meta file
     assert TIMM_VARIANTS[RADIO].mean == CLIP_MEAN
     assert set(encoder_names()) >= set(TIMM_VARIANTS) | {"dinov2_vitl14"}
     assert is_registered_encoder("dinov3_vits16") and is_registered_encoder("dinov2_vits14_reg4")
@@ -117,6 +125,7 @@ def test_models_command_lists_them(tmp_path, capsys):
     lines = {line.split()[1]: line for line in (out.out + out.err).splitlines() if line.startswith("  encoder")}
     assert "present" in lines[DINOV3] and "(Meta (licence form))" in lines[DINOV3]
     assert "missing" in lines[RADIO] and "timm/vit_base_patch16_radio_v3.c_radio" in lines[RADIO]
+    assert "present" in lines[QKVB] and "timm/vit_tiny_patch16_dinov3_qkvb.eupe_lvd1689m" in lines[TINY_QKVB]
 
 
 # ============================================================================ DINOv3: Meta's layout
@@ -133,7 +142,8 @@ def to_meta_layout(model) -> dict[str, torch.Tensor]:
             k = k.replace(".mlp.fc1_g.", ".mlp.w1.").replace(".mlp.fc1_x.", ".mlp.w2.").replace(".mlp.fc2.", ".mlp.w3.")
         sd[k] = v.clone()
     for i in range(len(model.blocks)):  # DINOv3's LinearKMaskedBias: a bias and a mask zeroing the key part
-        sd[f"blocks.{i}.attn.qkv.bias"] = torch.zeros(3 * dim)
+        q, v = (sd.pop(f"blocks.{i}.attn.{part}_bias", torch.zeros(dim)) for part in ("q", "v"))  # a _qkvb twin's
+        sd[f"blocks.{i}.attn.qkv.bias"] = torch.cat([q, torch.full((dim,), 0.5), v])  # the key part is masked out
         sd[f"blocks.{i}.attn.qkv.bias_mask"] = torch.cat([torch.ones(dim), torch.zeros(dim), torch.ones(dim)])
     return sd
 
@@ -226,6 +236,26 @@ def test_dinov3_swiglu_meta_layout_converts():
     feats = own_forward(fresh.eval(), x, variant.mean, variant.std)
     torch.testing.assert_close(feats, own_forward(net, x, variant.mean, variant.std), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(feats, reference_dinov3(sd, x, heads=6), atol=1e-4, rtol=1e-4)
+
+
+def test_dinov3_qkvb_twin_builds_and_takes_meta_biases(tmp_path):
+    """The _qkvb twin: random weights give the plain variant's feature grid; a Meta-layout file with non-zero
+    query / value biases (and a masked key bias, and the projector heads of Meta's EUPE files) loads strictly
+    and gives the features of the network it was written from, and of DINOv3's own forward."""
+    x = images(1, seed=3)
+    enc = TimmEncoder.from_name(QKVB, device="cpu", input_size=SIZE, random_init=True)
+    assert enc.encode(x).shape == (1, SIZE // 16, SIZE // 16, 384) and enc.settings()["timm_arch"] == QKVB
+
+    variant = TIMM_VARIANTS[TINY_QKVB]
+    net = randomise(build_timm_network(variant, SIZE, depth=2), seed=4)  # randomise makes the biases non-zero
+    sd = to_meta_layout(net)
+    assert sd["blocks.0.attn.qkv.bias"][:192].abs().min() > 0
+    sd["projectors.0.weight"] = torch.ones(8, 192)
+    fresh = build_timm_network(variant, SIZE, depth=2)
+    fresh.load_state_dict(convert_meta_dinov3(sd, fresh), strict=True)
+    feats = own_forward(fresh.eval(), x, variant.mean, variant.std)
+    torch.testing.assert_close(feats, own_forward(net, x, variant.mean, variant.std), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(feats, reference_dinov3(sd, x, heads=3), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind, message", [

@@ -1,5 +1,6 @@
-"""Per-class thresholds in the plugin: calibrate_thresholds on the reference samples (leave-one-out), stored with
-the bank and shown in its record, applied by auto_label on request; a bank changed since refuses stale ones.
+"""Thresholds in the plugin: calibrate_thresholds estimates per-class score thresholds and / or the prompt-selection
+threshold on the reference samples (leave-one-out), stores them with the bank and shows them in its record, the
+refseg panel and the forms; auto_label applies them on request; a bank changed since refuses stale ones.
 A private database (tests/conftest.py), the toy components, real FiftyOne."""
 
 from __future__ import annotations
@@ -51,3 +52,77 @@ def test_calibrate_store_and_apply(tmp_path):
     assert "thresholds" not in core.bank_record(dataset, core.DEFAULT_BANK)
     with pytest.raises(ValueError, match="estimated for other references"):
         core.auto_label(dataset, label_field="again", class_thresholds=True, **AUTO)
+
+
+GRID = dict(TOY, proposer="refseg.testing:GridColorProposer",  # the toy proposer with a 16 x 16 prompt grid
+            overrides="proposal.image_size=256, proposal.points_per_side=16")
+
+
+def test_prompt_threshold_calibrated_shown_applied_and_refused_when_stale(tmp_path, monkeypatch):
+    from refseg.method.prompt_selection import stored_prompt_threshold
+    from refseg.testing import GridColorProposer
+    from refseg_fiftyone import status
+    from test_fiftyone_forms import form, invalid
+    from test_refseg_status import _panel_event
+
+    dataset = make_dataset(tmp_path / "img", n_images=8, n_references=4)
+    dataset.name = unique("prompts")
+    build_toy_bank(dataset, **GRID)
+    assert "prompt_selection" not in form("auto_label", dataset)  # no threshold stored: no checkbox
+    with pytest.raises(ValueError, match="holds no prompt similarity threshold.*calibrate_thresholds"):
+        core.auto_label(dataset, prompt_selection=True, **AUTO)
+    assert invalid(form("calibrate_thresholds", dataset, class_thresholds=False, prompt_threshold=False))
+
+    # the prompt threshold only: no ground truth needed, stored in the bank file as refseg calibrate stores it
+    report = op("calibrate_thresholds")(dataset, target_precision=None, prompt_share=0.95, device="cpu")
+    prompt = report["prompt_threshold"]
+    assert "classes" not in report and report["images"] == 4 and prompt["share"] == 0.95
+    assert prompt["kept"] >= 0.95 * prompt["detections"] > 0 and prompt["prompts_kept"] < prompt["prompts"]
+    record = core.bank_record(dataset, core.DEFAULT_BANK)
+    assert record["prompt_threshold"] == prompt and "thresholds" not in record
+    bank = MemoryBank.load(record["path"])
+    assert stored_prompt_threshold(bank) == prompt["threshold"] and bank.prompt_similarity["kept"] == prompt["kept"]
+    # then the class thresholds: the prompt threshold stays; the panel's bank section and the forms show both
+    report = op("calibrate_thresholds")(dataset, label_field="ground_truth", device="cpu")
+    assert "prompt_threshold" not in report and len(report["classes"]) == 3
+    record = core.bank_record(dataset, core.DEFAULT_BANK)
+    assert record["prompt_threshold"] == prompt and record["thresholds"]["classes"] == report["classes"]
+    summary = status.bank_summary(dataset, core.DEFAULT_BANK)
+    assert f"{prompt['threshold']:.4f}" in summary["prompt_threshold"] and "target precision 0.9" in summary[
+        "class_thresholds"]
+    shown = _panel_event(dataset, "on_load")["output"]["type"]["properties"]
+    assert shown["bank_0_prompt_threshold"]["default"] == f"Prompt threshold: {summary['prompt_threshold']}"
+    assert shown["bank_0_class_thresholds"]["default"] == f"Class thresholds: {summary['class_thresholds']}"
+    checkbox = form("auto_label", dataset)["prompt_selection"]
+    assert f"(stored threshold {prompt['threshold']:.3f})" in checkbox.view.label
+    assert "faster" in checkbox.view.description and "recall" in checkbox.view.description
+    assert f"{prompt['threshold']:.4f}" in form("calibrate_thresholds", dataset)["stored_notice"].view.label
+
+    # applied: fewer prompts decoded, the run keyed (and reported) with the threshold
+    decoded = []
+    propose = GridColorProposer.propose
+
+    def counting(self, images, prompt_mask=None):
+        decoded.append(len(images) * len(self.prompt_points) if prompt_mask is None else int(prompt_mask.sum()))
+        return propose(self, images, prompt_mask)
+
+    monkeypatch.setattr(GridColorProposer, "propose", counting)
+    every = core.auto_label(dataset, label_field="every", **AUTO)
+    n_every, decoded[:] = sum(decoded), []
+    fast = op("auto_label")(dataset, label_field="fast", prompt_selection=True, delegate=False, **AUTO)
+    assert fast["num_labelled"] == every["num_labelled"] == 4 and 0 < sum(decoded) < n_every
+    assert fast["prompt_threshold"] == prompt["threshold"] and "prompt_threshold" not in every
+    assert fast["run_key"] != every["run_key"]  # the run's identity holds the bank's threshold
+    assert 0 < fast["num_instances"] <= every["num_instances"]
+
+    # a bank changed since (update from review) refuses its stale threshold, before any model loads
+    sample = dataset.match_tags("reference", bool=False).first()
+    sample["every"].detections[0].tags = ["rejected"]
+    sample.save()
+    core.update_memory_bank_from_review(dataset, pred_field="every", device="cpu")
+    assert "prompt_threshold" not in core.bank_record(dataset, core.DEFAULT_BANK)
+    assert "prompt_selection" not in form("auto_label", dataset)
+    decoded[:] = []
+    with pytest.raises(ValueError, match="chosen for other references .*calibrate_thresholds with its prompt"):
+        core.auto_label(dataset, label_field="again", prompt_selection=True, **AUTO)
+    assert decoded == []

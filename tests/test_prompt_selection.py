@@ -7,9 +7,10 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from refseg import PAPER, MemoryBank, Reference, ReferenceEncoder, Segmenter, decode_rle, load_image
+from refseg import PAPER, Detections, MemoryBank, Reference, ReferenceEncoder, Segmenter, decode_rle, load_image
 from refseg.method.config import PRESETS
 from refseg.method.interfaces import supports_prompt_selection
+from refseg.method.pipeline import Candidates
 from refseg.method.prompt_selection import (PromptSelectionError, choose_prompt_threshold,
                                             detection_prompt_similarities, estimate_prompt_threshold,
                                             point_patches, store_prompt_threshold, stored_prompt_threshold)
@@ -106,6 +107,28 @@ def test_the_chosen_threshold_keeps_the_share_of_leave_one_out_detections(toy):
         assert (kept, total) == (found.kept, found.detections)
 
 
+@pytest.mark.parametrize("found", [0, 1])
+def test_a_detection_traces_to_its_own_prompt_when_predicted_ious_tie(toy, found):
+    """Two candidates with the same predicted IoU: the object one (``found``) is detected, the other matches
+    no class. Tracing by predicted IoU could not tell them apart (and took the higher similarity, the other's)."""
+    proposer, encoder, bank, _ = toy
+    seg = Segmenter(proposer, encoder, bank, TOY)
+    logits = torch.full((2, 64, 64), -10.0)
+    logits[found, 4:20, 4:20] = logits[1 - found, 40:60, 40:60] = 10.0
+    prototype = bank.prototypes()[0]  # unit norm, non-negative colour features
+    features = torch.stack([prototype, -prototype] if found == 0 else [-prototype, prototype])
+    similarities = torch.zeros(10)
+    similarities[[3, 7]] = torch.tensor([0.2, 0.8]) if found == 0 else torch.tensor([0.8, 0.2])
+    cand = Candidates(logits, torch.full((2,), 0.9), features, (S, S), prompt_index=torch.tensor([3, 7]),
+                      prompt_similarities=similarities)
+    dets = seg.label(cand)
+    assert len(dets) == 1 and dets.candidate_index.tolist() == [found] and dets.masks[0, 20, 20]
+    assert detection_prompt_similarities(cand, dets).tolist() == [pytest.approx(0.2)]  # its own prompt's
+    with pytest.raises(PromptSelectionError, match="do not name their candidates"):
+        detection_prompt_similarities(cand, Detections(dets.compact, dets.boxes, dets.scores, dets.labels,
+                                                       dets.class_names, dets.pred_iou))  # no candidate_index
+
+
 def test_selection_decodes_only_prompts_near_a_prototype_and_leaves_their_candidates_unchanged(toy):
     proposer, encoder, bank, held_out = toy
     rgb = load_image(held_out[0].image)
@@ -139,6 +162,28 @@ def test_a_stored_threshold_is_applied_and_refused_when_missing_or_stale(toy, tm
     loaded.add("red", torch.randn(loaded.dim))
     with pytest.raises(PromptSelectionError, match="bank changed since"):
         Segmenter(proposer, encoder, loaded, on)
+
+
+def test_calibrate_bank_estimates_what_is_asked_and_checks_first(toy):
+    from refseg.method.calibration import calibrate_bank
+    from refseg.method.thresholds import ThresholdError
+
+    proposer, encoder, bank, held_out = toy
+    bank = bank.without([])
+
+    def unread():  # the checks come before any image is labelled
+        raise AssertionError("labelled before the settings were checked")
+        yield
+
+    with pytest.raises(PromptSelectionError, match="needs a proposer with prompt points"):
+        calibrate_bank(Segmenter(ColorRegionProposer(), encoder, bank, TOY), unread(), 0.9, 0.95)
+    with pytest.raises(ThresholdError, match="nothing to calibrate"):
+        calibrate_bank(Segmenter(proposer, encoder, bank, TOY), unread(), None, None)
+    with pytest.raises(PromptSelectionError, match=r"share of detections to keep must be in \(0, 1\]"):
+        calibrate_bank(Segmenter(proposer, encoder, bank, TOY), unread(), 0.9, 1.5)
+    found = calibrate_bank(Segmenter(proposer, encoder, bank, TOY), iter(held_out), None, 0.9)
+    assert found.thresholds is None and bank.thresholds == {} and found.images == 4
+    assert stored_prompt_threshold(bank) == found.prompt.threshold and found.lines() == [found.prompt.describe()]
 
 
 def test_a_proposer_without_prompts_works_off_and_is_refused_on(toy):

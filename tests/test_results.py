@@ -55,6 +55,8 @@ def test_valid_detections_are_accepted():
     d = Detections(**_dets())
     assert len(d) == 4 and d.image_size == (30, 40)
     assert len(Detections(**_dets(pred_iou=None))) == 4
+    assert Detections(**_dets()).candidate_index is None  # optional
+    assert Detections.empty(5, 6).candidate_index.tolist() == []
     assert len(Detections.empty(5, 6)) == 0 and Detections.empty(5, 6).image_size == (5, 6)
 
 
@@ -78,6 +80,9 @@ def test_valid_detections_are_accepted():
     ("pred_iou", np.zeros(5), "shape [4]"),
     ("pred_iou", np.array([0.5, 0.5, np.nan, 0.5]), "not finite at index 2"),
     ("class_names", ["a", 2], "list of str"),
+    ("candidate_index", np.zeros(3, np.int64), "shape [4]"),
+    ("candidate_index", np.arange(4.0), "integers"),
+    ("candidate_index", np.array([0, 1, -1, 3]), "indices >= 0"),
 ])
 def test_bad_arrays_are_refused_naming_the_field(field, value, words):
     with pytest.raises(InvalidDetections) as info:
@@ -150,6 +155,20 @@ def test_compact_detections_behave_as_dense_ones():
     assert np.array_equal(dense[2:5].compact.dense(), f["masks"][2:5])
 
 
+def test_candidate_index_follows_selection_and_is_written_nowhere():
+    f = _dets(n=6, seed=5)
+    traced = Detections(**f, candidate_index=np.array([9, 4, 0, 7, 7, 2]))
+    assert traced[np.array([5, 1])].candidate_index.tolist() == [2, 4]
+    assert traced[traced.scores > 0.5].candidate_index.tolist() == [9, 4, 0]
+    assert traced.to_coco(1) == Detections(**f).to_coco(1)  # COCO records are the same
+    fo = pytest.importorskip("fiftyone")
+    from refseg_fiftyone import convert
+
+    for with_index, without in zip(convert.to_fiftyone_detections(traced).detections,
+                                   convert.to_fiftyone_detections(Detections(**f)).detections):
+        assert isinstance(with_index, fo.Detection) and with_index.to_dict().keys() == without.to_dict().keys()
+
+
 def test_pipeline_makes_compact_masks_equal_to_the_reference_upsampling():
     rng = np.random.default_rng(7)
     enc, prop = ColorEncoder(), ColorRegionProposer()
@@ -169,6 +188,7 @@ def test_pipeline_makes_compact_masks_equal_to_the_reference_upsampling():
     full = upsample_masks(cand.logits, dets.image_size, 0.0, schedule="dense")
     kept = [[i for i in range(len(full)) if torch.equal(full[i], torch.from_numpy(mask))] for mask in dets.masks]
     assert all(kept) and len({k[0] for k in kept}) == len(kept)
+    assert all(int(i) in k for i, k in zip(dets.candidate_index, kept))  # each names the proposal it is
 
 
 # ---------------------------------------------------------------- COCO records

@@ -231,7 +231,8 @@ class Segmenter:
     # ------------------------------------------------------------------ stage 2
     def label(self, cand: Candidates) -> Detections:
         """Match candidates to the bank, remove duplicates, merge and keep the top k (and, with
-        ``merge.class_thresholds``, those that pass their class's threshold)."""
+        ``merge.class_thresholds``, those that pass their class's threshold). Each detection's
+        ``candidate_index`` is the place of its proposal in ``cand``."""
         dets = self._match_and_merge(cand)
         return dets if self._thresholds is None else apply_thresholds(dets, self._thresholds)
 
@@ -272,6 +273,7 @@ class Segmenter:
                 labels=labels[best].cpu().numpy().astype(np.int64),
                 class_names=self.class_names,
                 pred_iou=pred_iou[best].float().cpu().numpy(),
+                candidate_index=keep[best].cpu().numpy().astype(np.int64),  # which proposal each detection is
             )
 
     # ------------------------------------------------------------------ reading ahead

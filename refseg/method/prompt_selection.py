@@ -11,7 +11,8 @@ proposals of skipped prompts are missing, and with them the detections they woul
 ``t`` is chosen per bank by :func:`estimate_prompt_threshold`: each reference image is labelled
 in paper mode with the bank minus its own references (leave-one-out, as
 :mod:`refseg.method.thresholds` does), each final detection records the similarity of the
-prompt that produced it, and ``t`` is the highest threshold keeping at least ``share`` of those
+prompt that produced it (its ``candidate_index`` names its proposal, whose ``prompt_index``
+names the prompt), and ``t`` is the highest threshold keeping at least ``share`` of those
 detections. It is stored with the bank (:attr:`refseg.MemoryBank.prompt_similarity`), tied to
 the embeddings, and ``proposal.prompt_similarity = "bank"`` applies it (refused if none or stale).
 
@@ -32,6 +33,10 @@ import torch.nn.functional as F
 
 from refseg.errors import RefsegError
 from refseg.method.thresholds import HeldOutImage
+
+
+HOW_TO_CHOOSE = ("refseg calibrate --prompt-share 0.95, or the plugin's calibrate_thresholds with its prompt "
+                 "threshold option")
 
 
 class PromptSelectionError(RefsegError, ValueError):
@@ -100,25 +105,23 @@ class PromptThreshold:
 
 
 def detection_prompt_similarities(cand, dets) -> np.ndarray:
-    """The prompt similarity of the candidate each detection of ``dets`` (``Segmenter.label(cand)``) came from.
-
-    A detection carries its candidate's predicted IoU, copied, so equal values identify it; when several
-    candidates share it (rare), the highest of their similarities is taken.
-    """
+    """The prompt similarity of the candidate each detection of ``dets`` (``Segmenter.label(cand)``) came from:
+    the detection's ``candidate_index`` names its candidate, whose ``prompt_index`` names its prompt."""
     if cand.prompt_similarities is None or cand.prompt_index is None:
         raise PromptSelectionError("the candidates carry no prompt similarities: propose them with "
                                    "Segmenter.propose(images, with_prompt_similarities=True) and a proposer that "
                                    "reports its prompts")
-    per_candidate = cand.prompt_similarities[cand.prompt_index.to(cand.prompt_similarities.device)].cpu().numpy()
-    cand_iou = cand.pred_iou.float().cpu().numpy()
-    det_iou = np.asarray(dets.pred_iou, dtype=np.float32)
-    out = np.empty(len(det_iou), dtype=np.float64)
-    for i, value in enumerate(det_iou):
-        same = cand_iou == value
-        if not same.any():
-            raise PromptSelectionError("a detection matches no candidate: label the candidates it was proposed from")
-        out[i] = per_candidate[same].max()
-    return out
+    if dets.candidate_index is None or (dets.candidate_index >= len(cand)).any():
+        raise PromptSelectionError("the detections do not name their candidates among these: label the "
+                                   "candidates they were proposed from with Segmenter.label")
+    per_candidate = cand.prompt_similarities[cand.prompt_index.to(cand.prompt_similarities.device)]
+    return per_candidate.cpu().numpy().astype(np.float64)[dets.candidate_index]
+
+
+def check_share(share: float) -> None:
+    """Refuse a share of detections to keep outside (0, 1]."""
+    if not 0 < share <= 1:
+        raise PromptSelectionError(f"the share of detections to keep must be in (0, 1], got {share!r}")
 
 
 def estimate_prompt_threshold(segmenter, held_out: Iterable[HeldOutImage], share: float = 0.95
@@ -128,8 +131,7 @@ def estimate_prompt_threshold(segmenter, held_out: Iterable[HeldOutImage], share
     from refseg.io.images import ImageLoadError, load_image
     from refseg.method.pipeline import Segmenter
 
-    if not 0 < share <= 1:
-        raise PromptSelectionError(f"the share of detections to keep must be in (0, 1], got {share!r}")
+    check_share(share)
     config = segmenter.config
     every_prompt = dataclasses.replace(config, proposal=dataclasses.replace(config.proposal, prompt_similarity=None),
                                        merge=dataclasses.replace(config.merge, class_thresholds=False))
@@ -166,11 +168,10 @@ def stored_prompt_threshold(bank, where: str = "the bank") -> float:
     """The prompt threshold stored with ``bank``; refused when there is none or the bank changed since."""
     stored = bank.prompt_similarity
     if not stored or stored.get("threshold") is None:
-        raise PromptSelectionError(f"{where} holds no prompt similarity threshold: choose one first (refseg calibrate "
-                                   "--prompt-share 0.95)")
+        raise PromptSelectionError(f"{where} holds no prompt similarity threshold: choose one first ({HOW_TO_CHOOSE})")
     if stored.get("embeddings_sha256") != bank.embeddings_sha256():
         raise PromptSelectionError(f"the prompt similarity threshold of {where} was chosen for other references (the "
-                                   "bank changed since): choose it again (refseg calibrate --prompt-share)")
+                                   f"bank changed since): choose it again ({HOW_TO_CHOOSE})")
     return float(stored["threshold"])
 
 

@@ -193,12 +193,16 @@ class Detections:
     labels:      [N] int, index into ``class_names``.
     class_names: the memory bank's class names.
     pred_iou:    [N] finite float, the proposer's quality estimate (kept for inspection), or None.
+    candidate_index: [N] int >= 0, the place of each detection's proposal in the
+                 :class:`~refseg.method.pipeline.Candidates` it was labelled from (and so, with their
+                 ``prompt_index``, its prompt), or None. Set by :meth:`refseg.Segmenter.label`; never
+                 written out (COCO records and FiftyOne labels leave it out).
 
     Bad arrays raise :class:`refseg.errors.InvalidDetections` (a ``ValueError``) naming the field.
     """
 
     def __init__(self, masks, boxes, scores, labels, class_names: Sequence[str] | None = None,
-                 pred_iou=None):
+                 pred_iou=None, candidate_index=None):
         self._masks: np.ndarray | None = None
         self._compact: CompactMasks | None = None
         if isinstance(masks, CompactMasks):
@@ -218,6 +222,11 @@ class Detections:
         self.scores = _check_vector("scores", scores, n, "real")
         self.labels = _check_vector("labels", labels, n, "integer")
         self.pred_iou = None if pred_iou is None else _check_vector("pred_iou", pred_iou, n, "real")
+        self.candidate_index = None
+        if candidate_index is not None:
+            self.candidate_index = _check_vector("candidate_index", candidate_index, n, "integer")
+            if (self.candidate_index < 0).any():
+                raise InvalidDetections("candidate_index", "expected indices >= 0")
         bad = (self.labels < 0) | (self.labels >= len(self.class_names))
         if bad.any():
             raise InvalidDetections("labels", f"label {int(self.labels[bad][0])} is not an index into the "
@@ -236,11 +245,11 @@ class Detections:
 
     @classmethod
     def from_crops(cls, shape: tuple[int, int], windows, crops: Sequence, scores, labels,
-                   class_names: Sequence[str] | None = None, pred_iou=None) -> "Detections":
+                   class_names: Sequence[str] | None = None, pred_iou=None, candidate_index=None) -> "Detections":
         """Detections from masks given inside windows (:meth:`CompactMasks.from_crops`); the boxes
         are the masks' exact extents."""
         compact = CompactMasks.from_crops(shape, windows, crops)
-        return cls(compact, compact.boxes.astype(np.float32), scores, labels, class_names, pred_iou)
+        return cls(compact, compact.boxes.astype(np.float32), scores, labels, class_names, pred_iou, candidate_index)
 
     @classmethod
     def from_masks(cls, masks: np.ndarray, scores, labels, class_names: Sequence[str] | None = None,
@@ -299,6 +308,7 @@ class Detections:
             labels=np.zeros(0, dtype=np.int64),
             class_names=list(class_names or []),
             pred_iou=np.zeros(0, dtype=np.float32),
+            candidate_index=np.zeros(0, dtype=np.int64),
         )
 
     @property
@@ -342,6 +352,7 @@ class Detections:
             labels=self.labels[index],
             class_names=self.class_names,
             pred_iou=None if self.pred_iou is None else self.pred_iou[index],
+            candidate_index=None if self.candidate_index is None else self.candidate_index[index],
         )
         if self._masks is not None and self._compact is not None:
             out._compact = self._compact[index]

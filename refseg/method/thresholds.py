@@ -148,6 +148,12 @@ def choose_threshold(class_name: str, scored: Iterable[tuple[float, bool]], inst
     return ClassThreshold(class_name, REACHED, scored[kept - 1][0], precision, recall, instances, n, kept)
 
 
+def check_target_precision(target_precision: float) -> None:
+    """Refuse a target precision outside (0, 1]."""
+    if not 0 < target_precision <= 1:
+        raise ThresholdError(f"the target precision must be in (0, 1], got {target_precision!r}")
+
+
 def estimate_thresholds(segmenter, held_out: Iterable[HeldOutImage], target_precision: float = 0.9
                         ) -> ThresholdReport:
     """Leave-one-out labelling of the reference images with the models, bank and settings of ``segmenter``
@@ -159,8 +165,7 @@ def estimate_thresholds(segmenter, held_out: Iterable[HeldOutImage], target_prec
     from refseg.io.images import ImageLoadError
     from refseg.method.pipeline import Segmenter
 
-    if not 0 < target_precision <= 1:
-        raise ThresholdError(f"the target precision must be in (0, 1], got {target_precision!r}")
+    check_target_precision(target_precision)
     bank, config = segmenter.bank, segmenter.config
     every_score = dataclasses.replace(config, merge=dataclasses.replace(config.merge, score_threshold=0.0))
     report = ThresholdReport(float(target_precision))

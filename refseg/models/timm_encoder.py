@@ -1,10 +1,12 @@
 """DINOv3 and C-RADIO as :class:`~refseg.method.interfaces.FeatureEncoder`: dense patch features through timm.
 
 Both families are timm networks (timm >= 1.0.20): DINOv3 as timm's ``Eva`` with
-DINOv3's rotary position embedding (``vit_*_patch16_dinov3``), C-RADIO as timm's
-``VisionTransformer`` (``vit_*_patch16_radio_v3`` / ``_v4``). The refseg names are
-timm's architecture names; Meta's file stems (``dinov3_vits16``...) are accepted
-for DINOv3 too.
+DINOv3's rotary position embedding (``vit_*_patch16_dinov3``, and their ``_qkvb`` twins,
+which keep the query / value biases of Meta's files; ``vit_tiny_patch16_dinov3_qkvb``
+has no plain sibling and only Meta's EUPE weights, in timm releases since May 2026),
+C-RADIO as timm's ``VisionTransformer`` (``vit_*_patch16_radio_v3`` / ``_v4``). The
+refseg names are timm's architecture names; Meta's file stems (``dinov3_vits16``...)
+are accepted for DINOv3 too (naming the plain variant, not the twin).
 
 Dense features are the last block's patch tokens, after the final norm where the
 network has one (DINOv3: LayerNorm; C-RADIO: none, its timm port has
@@ -115,14 +117,20 @@ def _timm_source(arch: str, tag: str) -> Source:
                                                filename=f"{arch}.{tag}.safetensors"))
 
 
-def _dinov3(size: str, stem: str, dim: int) -> TimmVariant:
-    arch = f"vit_{size}_patch16_dinov3"
-    official = Source("Meta (licence form)", META_DINOV3,
-                      CheckpointSpec(url=_META_DINOV3_PAGE, filename=f"{stem}_pretrain_lvd1689m.pth"),
-                      downloadable=False)
+def _dinov3(size: str, stem: str | None, dim: int, qkv_bias: bool = False, tag: str = "lvd1689m") -> TimmVariant:
+    """DINOv3 ViT ``size``. ``qkv_bias``: timm's ``_qkvb`` twin, which keeps the query and value biases of Meta's
+    files (the plain one takes a file only when they are zero); Meta's files fit both, so the twin has the same
+    Meta source but no alias (Meta's ``stem`` names the plain one). ``stem`` None: Meta publishes no DINOv3 file
+    of this size. ``tag``: timm's weights."""
+    arch = f"vit_{size}_patch16_dinov3" + ("_qkvb" if qkv_bias else "")
+    sources = [_timm_source(arch, tag)]
+    if stem is not None:
+        sources.append(Source("Meta (licence form)", META_DINOV3,
+                              CheckpointSpec(url=_META_DINOV3_PAGE, filename=f"{stem}_pretrain_lvd1689m.pth"),
+                              downloadable=False))
     return TimmVariant(name=arch, family="dinov3", dim=dim, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                       features="last block patch tokens after final norm",
-                       sources=(_timm_source(arch, "lvd1689m"), official), aliases=(stem,))
+                       features="last block patch tokens after final norm", sources=tuple(sources),
+                       aliases=(stem,) if stem is not None and not qkv_bias else ())
 
 
 def _radio(size: str, version: str, nvidia_repo: str, dim: int, align_corners: bool) -> TimmVariant:
@@ -144,6 +152,13 @@ TIMM_VARIANTS: dict[str, TimmVariant] = {
         _dinov3("large", "dinov3_vitl16", 1024),
         _dinov3("huge_plus", "dinov3_vith16plus", 1280),
         _dinov3("7b", "dinov3_vit7b16", 4096),
+        # the _qkvb twins (timm has none of the 7B); the tiny one exists only so, with Meta's EUPE weights
+        _dinov3("tiny", None, 192, qkv_bias=True, tag="eupe_lvd1689m"),
+        _dinov3("small", "dinov3_vits16", 384, qkv_bias=True),
+        _dinov3("small_plus", "dinov3_vits16plus", 384, qkv_bias=True),
+        _dinov3("base", "dinov3_vitb16", 768, qkv_bias=True),
+        _dinov3("large", "dinov3_vitl16", 1024, qkv_bias=True),
+        _dinov3("huge_plus", "dinov3_vith16plus", 1280, qkv_bias=True),
         # C-RADIOv3-B/-H were released resizing position embeddings with align_corners=True, -L/-g and v4 with False
         _radio("base", "v3", "C-RADIOv3-B", 768, align_corners=True),
         _radio("large", "v3", "C-RADIOv3-L", 1024, align_corners=False),
@@ -171,6 +186,9 @@ def build_timm_network(variant: TimmVariant, input_size: int | None = None, **kw
     size = variant.input_size if input_size is None else int(input_size)
     if size <= 0 or size % PATCH_SIZE:
         raise InvalidInput(f"{variant.name} input_size must be a positive multiple of {PATCH_SIZE}, got {size}")
+    if not timm.is_model(variant.name):
+        raise UnknownName(f"{variant.name} is not in the installed timm {timm.__version__}: upgrade timm "
+                          "(pip install -U timm)")
     return timm.create_model(variant.name, pretrained=False, img_size=size, num_classes=0, **kwargs)
 
 
@@ -251,13 +269,15 @@ def convert_meta_dinov3(state_dict: dict[str, torch.Tensor], model: "nn.Module",
       timm keeps the query and value parts (``q_bias`` / ``v_bias``) or, for models without qkv bias,
       requires the masked bias to be zero;
     - ``rope_embed.periods`` is checked against the periods timm computes (base 100), then dropped, with
-      ``mask_token`` (training only) and ``local_cls_norm`` (7B, local crops in training only).
+      ``mask_token`` (training only), ``local_cls_norm`` (7B, local crops in training only) and
+      ``projectors.*`` (the distillation heads of Meta's EUPE files, DINOv3's layout otherwise).
     """
     params = dict(model.named_parameters())
     head_dim = int(model.embed_dim) // int(model.blocks[0].attn.num_heads)
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
-        if key in ("mask_token",) or key.startswith("local_cls_norm.") or key.endswith(".qkv.bias_mask"):
+        if (key in ("mask_token",) or key.startswith(("local_cls_norm.", "projectors."))
+                or key.endswith(".qkv.bias_mask")):
             continue
         if key == "rope_embed.periods":
             expected = dinov3_rope_periods(head_dim)

@@ -47,7 +47,7 @@ def _pack(dets: Detections) -> dict:
     """Detections -> what goes through the pipe: the masks in their compact form (tight boxes and
     bit-packed crops, :class:`~refseg.method.results.CompactMasks`: a few KB, not H x W bytes each)."""
     return dict(masks=dets.compact, boxes=dets.boxes, scores=dets.scores, labels=dets.labels,
-                pred_iou=dets.pred_iou, class_names=dets.class_names)
+                pred_iou=dets.pred_iou, candidate_index=dets.candidate_index, class_names=dets.class_names)
 
 
 def _unpack(d: dict) -> Detections:
