@@ -5,9 +5,10 @@ It shows what :func:`refseg_fiftyone.status.dataset_status` gathers: the memory 
 few references), the
 labelling runs (the last one per output field, and the delegated jobs still queued or
 running), the review counts and the last evaluation with per-class AP@[.50:.95] and AP50.
-It reads the dataset when it opens, when the dataset changes and when Refresh is pressed; while a
-delegated refseg job is queued or running it reads it again every few seconds and, when the job ends, shows
-a notification (how it ended, what to do if it failed) and reloads the dataset's grid.
+It reads the dataset when it opens, when the dataset changes and when Refresh is pressed. A timer looks at
+the plugin's delegated jobs (every 5 s while one is queued or running, every 15 s otherwise): a new job or a
+job's progress is shown, and when a job ends a notification says how it ended (what to do if it failed), the
+panel reads the dataset again and the grid is reloaded.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from refseg_fiftyone import status
 
 PANEL_NAME = "refseg_panel"
 STORE_NAME = "refseg"  # the dataset's execution store: which ended jobs were announced
-POLL_MS = 5000  # how often the panel looks at queued or running jobs
+POLL_MS = 5000  # how often the panel looks at the delegated jobs while one is queued or running
+IDLE_POLL_MS = 15000  # and while none is (a job queued from a form then shows up)
 
 
 def _table(panel, name: str, columns: list[tuple[str, str]]) -> None:
@@ -75,10 +77,19 @@ class RefsegPanel(foo.Panel):
         self._load(ctx)
 
     def poll(self, ctx):
-        """The timer's call while jobs are queued or running: read again, announce the jobs that ended."""
-        self._load(ctx)
-        if ctx.dataset is not None and announce_ended_jobs(ctx):
-            ctx.ops.reload_dataset()  # the grid and the counts show the new labels
+        """The timer's call: announce the jobs that ended; read everything again when a job ended or the set
+        of queued and running jobs changed, else only the runs table (the jobs' progress)."""
+        if ctx.dataset is None:
+            return
+        ended = announce_ended_jobs(ctx)
+        jobs = status.active_jobs(ctx.dataset)
+        if ended or [j["id"] for j in jobs] != (ctx.panel.get_state("outline") or {}).get("job_ids"):
+            self._load(ctx)
+            if ended:
+                ctx.ops.reload_dataset()  # the grid and the counts show the new labels
+        else:
+            ctx.dataset.reload()
+            ctx.panel.set_data("runs", _run_rows({"runs": status.list_runs(ctx.dataset), "jobs": jobs}))
 
     def _load(self, ctx):
         """Read the dataset's status: the layout's outline into the panel state, tables and images into its data."""
@@ -109,7 +120,8 @@ class RefsegPanel(foo.Panel):
             evaluation = {k: evaluation[k] for k in ("eval_key", "mAP", "mAP50", "num_samples", "tp", "fp", "fn",
                                                      "iou", "pred_field", "gt_field", "evaluated_at")}
         ctx.panel.set_state("outline", {"banks": banks, "has_runs": bool(info["runs"] or info["jobs"]),
-                                        "num_jobs": len(info["jobs"]), "has_review": bool(info["review"]),
+                                        "num_jobs": len(info["jobs"]),
+                                        "job_ids": [j["id"] for j in info["jobs"]], "has_review": bool(info["review"]),
                                         "evaluation": evaluation})
 
     def render(self, ctx):
@@ -129,9 +141,10 @@ class RefsegPanel(foo.Panel):
         if outline["num_jobs"]:
             panel.md(f"Watching {outline['num_jobs']} delegated job(s): this panel tells you when each ends.",
                      name="jobs_watching")
-            panel.view("jobs_timer", types.TimerView(interval=POLL_MS, on_interval=self.poll))
         else:
             panel.md("No delegated refseg job queued or running.", name="jobs_none")
+        panel.view("jobs_timer", types.TimerView(interval=POLL_MS if outline["num_jobs"] else IDLE_POLL_MS,
+                                                 on_interval=self.poll))
         panel.md("#### Review", name="review_heading")
         if outline["has_review"]:
             _table(panel, "review", [("field", "Predictions field"), ("predictions", "Predictions"),

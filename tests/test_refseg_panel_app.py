@@ -31,7 +31,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 SERVE = """
 import sys
 import fiftyone as fo
-session = fo.launch_app(remote=True, address="127.0.0.1", port=int(sys.argv[1]))
+session = fo.launch_app(fo.load_dataset(sys.argv[1]), remote=True, address="127.0.0.1", port=int(sys.argv[2]))
 session.wait(-1)
 """
 
@@ -51,22 +51,21 @@ def _stop(server: subprocess.Popen) -> None:
 def served(tmp_path_factory):
     """(App url of the dataset page, dataset, evaluation report) with an App server running."""
     root = tmp_path_factory.mktemp("panel_app")
+    dataset, report = labelled_and_reviewed(root / "images", n_images=6)
+    dataset.persistent = True
+    dataset.save()
     port = _free_port()
     log = open(root / "app.log", "w+")
-    # the server starts while the dataset is made; the page then loads the dataset by name
-    server = subprocess.Popen([sys.executable, "-c", SERVE, str(port)], stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    dataset = None
+    # the session shows the dataset from the start: a session without one can send the page to "No dataset
+    # selected" after it has loaded the dataset's URL
+    server = subprocess.Popen([sys.executable, "-c", SERVE, dataset.name, str(port)], stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        dataset, report = labelled_and_reviewed(root / "images", n_images=6)
-        dataset.persistent = True
-        dataset.save()
         yield f"http://127.0.0.1:{port}/datasets/{dataset.name}", dataset, report, server, log
     finally:
         _stop(server)
         log.close()
-        if dataset is not None:
-            dataset.delete()
+        dataset.delete()
 
 
 def _open_page(page, url: str, server, log) -> None:
@@ -175,10 +174,14 @@ def test_the_app_announces_when_a_delegated_job_ends(served):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             _open_page(page, url, server, log)
             page.get_by_text("ground_truth").first.wait_for(timeout=30_000)
-            page.wait_for_timeout(2000)  # the on-open announcement (nothing to announce) is done
-            queue("watched")
-            _panel_menu_option(page, "refseg").click()
-            page.get_by_text("Watching 1 delegated job(s)", exact=False).wait_for(timeout=30_000)
+            banks = page.get_by_text("Memory banks", exact=True)
+            try:  # the App reopens the panel the session had open (the test above opened it)
+                banks.wait_for(timeout=15_000)
+            except sync_api.TimeoutError:
+                _panel_menu_option(page, "refseg").click()
+                banks.wait_for(timeout=30_000)
+            queue("watched")  # the panel is open already: its idle timer (15 s) finds the new job
+            page.get_by_text("Watching 1 delegated job(s)", exact=False).wait_for(timeout=45_000)
             page.screenshot(path=str(ARTIFACTS / "refseg_panel_watching.png"))
             outside_playwright(run_queued, dataset)  # as a worker would
             notice = page.get_by_text("delegated auto-label into 'watched' completed", exact=False)

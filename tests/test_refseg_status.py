@@ -220,9 +220,9 @@ def _requests(result) -> list[tuple[str, dict]]:
     return [(r["operator_uri"], r["params"]) for r in result.executor.to_json()["requests"]]
 
 
-def _poll(dataset):
+def _poll(dataset, state=None):
     result = foo.execute_operator(PANEL, ctx=dict(dataset=dataset, params=dict(
-        __method__="poll", panel_id="test-panel", state={}, event_args={})))
+        __method__="poll", panel_id="test-panel", panel_state=state or {}, event_args={})))
     assert result.error is None, result.error
     return _requests(result)
 
@@ -244,6 +244,11 @@ def test_delegated_jobs_that_end_are_announced_once(tmp_path):
         assert (timer["name"], timer["interval"]) == ("TimerView", 5000)
         assert timer["on_interval"].endswith("refseg_panel#poll")
         assert "notify" not in [uri for uri, _ in _poll(dataset)]  # still queued: nothing to say
+        # the same jobs as the panel shows: only the runs table (progress) is sent again
+        light = _poll(dataset, state={"outline": sent["state"]["outline"]})
+        assert [(uri, sorted(params.get("data") or params.get("state"))) for uri, params in light
+                if uri.startswith("patch_panel")] == [
+            ("patch_panel_data", ["runs"])]
 
         run_queued(dataset)
         requests = _poll(dataset)
@@ -255,7 +260,8 @@ def test_delegated_jobs_that_end_are_announced_once(tmp_path):
                                                 f"Labelled {labelled} sample(s) into 'second'")
         assert "reload_dataset" in [uri for uri, _ in requests]
         assert "notify" not in [uri for uri, _ in _poll(dataset)]  # announced once
-        assert "jobs_timer" not in _panel_event(dataset, "on_load")["output"]["type"]["properties"]
+        idle = _panel_event(dataset, "on_load")["output"]["type"]["properties"]["jobs_timer"]["view"]
+        assert idle["interval"] == 15000  # nothing to watch: a slower look for jobs queued later
 
         # a job that fails (its bank file gone) is announced by the operator the App runs on dataset open
         bank = core.bank_path(dataset, "default")
