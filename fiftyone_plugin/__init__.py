@@ -258,9 +258,16 @@ def _progress_to_ctx(ctx):
     return lambda p: ctx.set_progress(progress=p.fraction, label=p[2])
 
 
-# FiftyOne 1.22's App keeps the overlays of a sample it has shown in its sample view: reload_dataset,
-# reload_samples and set_view refresh the grid and the counts, not those (see fiftyone_plugin/README.md)
-STALE_SAMPLE_VIEW = "A sample view opened before this run may still draw its old masks: reload the page (F5)"
+# FiftyOne 1.22's App caches a sample it has shown in its sample view (the Relay record "<id>-modal" behind the
+# modalSample selector) and reload_dataset / reload_samples / set_view do not refetch it: this JavaScript
+# operator (fiftyone_plugin/refseg_app.js) rewrites those records with the samples' current documents
+REFRESH_SAMPLE_VIEWS = f"{core.PLUGIN_NAME}/refresh_sample_views"
+
+
+def _reload_app(ctx):
+    """The triggers that show new labels in the App: the grid and counts, then the sample views opened before."""
+    yield ctx.trigger("reload_dataset")
+    yield ctx.trigger(REFRESH_SAMPLE_VIEWS)
 
 
 def _stream(ctx, generator, summarise, what: str = "the run", after_error: str = ""):
@@ -280,10 +287,10 @@ def _stream(ctx, generator, summarise, what: str = "the run", after_error: str =
     except Exception as exc:
         print(f"refseg: {what} failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
         yield ctx.ops.notify(f"refseg: {what} failed: {exc}. {after_error}".strip(), variant="error")
-        yield ctx.trigger("reload_dataset")  # what was saved before the error
+        yield from _reload_app(ctx)  # what was saved before the error
         return
-    yield ctx.ops.notify(f"{summarise(report)}. {STALE_SAMPLE_VIEW}", variant="success")
-    yield ctx.trigger("reload_dataset")
+    yield ctx.ops.notify(summarise(report), variant="success")
+    yield from _reload_app(ctx)
 
 
 async def _drain(generator, progress) -> dict:

@@ -150,8 +150,9 @@ def test_app_runs_auto_label_with_a_progress_stream(app):
         "params": {"delegate": False, "label_field": "refseg_app", "score_threshold": 0.5}})
     messages = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
     triggered = [m["body"]["operator_uri"] for m in messages]
-    assert triggered.count("set_progress") >= 2 and triggered[-2:] == ["notify", "reload_dataset"]
-    assert messages[-3]["body"]["params"]["progress"] == pytest.approx(1.0)
+    assert triggered.count("set_progress") >= 2
+    assert triggered[-3:] == ["notify", "reload_dataset", f"{PLUGIN}/refresh_sample_views"]
+    assert messages[-4]["body"]["params"]["progress"] == pytest.approx(1.0)
     dataset.reload()
     assert len(dataset.exists("refseg_app")) == len(dataset.exists("refseg"))
 

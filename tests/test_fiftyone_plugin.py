@@ -268,7 +268,8 @@ def test_immediate_run_streams_progress_to_the_app(dataset):
     triggered = [m.body.operator_uri for m in messages]
     progress = [m.body.params["progress"] for m in messages if m.body.operator_uri == "set_progress"]
     assert triggered.count("set_progress") == 10 and progress[-1] == pytest.approx(1.0)
-    assert triggered[-2:] == ["notify", "reload_dataset"]
+    # then the grid and the counts, and the sample views the App holds (fiftyone_plugin/refseg_app.js)
+    assert triggered[-3:] == ["notify", "reload_dataset", uri("refresh_sample_views")]
     assert labelled_count(dataset) == 9
 
     # the form: a run expected to be quick (toy models) is immediate by default (see test_fiftyone_forms.py)
