@@ -30,7 +30,7 @@ from refseg.runtime.run_spec import RunSpecError
 from refseg_fiftyone import core, fiftyone_access, review
 from refseg_fiftyone.status import class_thresholds_text, prompt_threshold_text, recorded_prompt_threshold
 
-from .panel import RefsegPanel, announce_ended_jobs
+from .panel import REFRESH_SAMPLE_VIEWS, RefsegPanel, announce_ended_jobs
 
 # the model registries' names (the default first); any import path package.module:Class works too
 PROPOSER_CHOICES = tuple(dict.fromkeys([core.DEFAULT_PROPOSER, *SAM2_VARIANTS]))
@@ -256,12 +256,6 @@ def _model_settings(ctx, base: core.RunSpec) -> core.RunSpec:
 
 def _progress_to_ctx(ctx):
     return lambda p: ctx.set_progress(progress=p.fraction, label=p[2])
-
-
-# FiftyOne 1.22's App caches a sample it has shown in its sample view (the Relay record "<id>-modal" behind the
-# modalSample selector) and reload_dataset / reload_samples / set_view do not refetch it: this JavaScript
-# operator (fiftyone_plugin/refseg_app.js) rewrites those records with the samples' current documents
-REFRESH_SAMPLE_VIEWS = f"{core.PLUGIN_NAME}/refresh_sample_views"
 
 
 def _reload_app(ctx):

@@ -16,12 +16,16 @@ from __future__ import annotations
 import fiftyone.operators as foo
 import fiftyone.operators.types as types
 
-from refseg_fiftyone import status
+from refseg_fiftyone import core, status
 
 PANEL_NAME = "refseg_panel"
 STORE_NAME = "refseg"  # the dataset's execution store: which ended jobs were announced
 POLL_MS = 5000  # how often the panel looks at the delegated jobs while one is queued or running
 IDLE_POLL_MS = 15000  # and while none is (a job queued from a form then shows up)
+# FiftyOne 1.22's App caches a sample it has shown in its sample view (the Relay record "<id>-modal" behind the
+# modalSample selector) and reload_dataset / reload_samples / set_view do not refetch it: this JavaScript
+# operator (fiftyone_plugin/refseg_app.js) rewrites those records with the samples' current documents
+REFRESH_SAMPLE_VIEWS = f"{core.PLUGIN_NAME}/refresh_sample_views"
 
 
 def _table(panel, name: str, columns: list[tuple[str, str]]) -> None:
@@ -85,8 +89,9 @@ class RefsegPanel(foo.Panel):
         jobs = status.active_jobs(ctx.dataset)
         if ended or [j["id"] for j in jobs] != (ctx.panel.get_state("outline") or {}).get("job_ids"):
             self._load(ctx)
-            if ended:
-                ctx.ops.reload_dataset()  # the grid and the counts show the new labels
+            if ended:  # the grid, the counts and the sample views opened before show the new labels
+                ctx.ops.reload_dataset()
+                ctx.trigger(REFRESH_SAMPLE_VIEWS)
         else:
             ctx.dataset.reload()
             ctx.panel.set_data("runs", _run_rows({"runs": status.list_runs(ctx.dataset), "jobs": jobs}))

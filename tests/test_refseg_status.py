@@ -258,7 +258,8 @@ def test_delegated_jobs_that_end_are_announced_once(tmp_path):
         assert labelled == len(dataset.match_tags("reference", bool=False))
         assert notices[0]["message"].startswith("refseg: delegated auto-label into 'second' completed: "
                                                 f"Labelled {labelled} sample(s) into 'second'")
-        assert "reload_dataset" in [uri for uri, _ in requests]
+        assert [uri for uri, _ in requests if "reload" in uri or "refresh" in uri] == [
+            "reload_dataset", f"{PLUGIN}/refresh_sample_views"]
         assert "notify" not in [uri for uri, _ in _poll(dataset)]  # announced once
         idle = _panel_event(dataset, "on_load")["output"]["type"]["properties"]["jobs_timer"]["view"]
         assert idle["interval"] == 15000  # nothing to watch: a slower look for jobs queued later
