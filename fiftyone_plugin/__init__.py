@@ -16,6 +16,7 @@ Each operator is a thin shell: it reads its form into arguments of a function of
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import sys
 import traceback
@@ -329,13 +330,26 @@ def _summary_output(ctx, label: str):
 
 
 def _call(operator, sample_collection, params: dict, delegate: bool):
-    """Run ``operator`` from Python on ``sample_collection``; returns its report (or the queued job)."""
+    """Run ``operator`` from Python on ``sample_collection``; returns its report (or the queued job).
+
+    Under a running event loop (a Jupyter notebook, Playwright's sync API) ``fo.execute_operator`` only
+    schedules the run and returns an ``asyncio.Task`` that starts once the caller yields to the loop; the
+    operator then runs to its end in a thread of its own (with its own loop), so the call blocks and returns
+    the report as it does elsewhere.
+    """
     params = {k: v for k, v in params.items() if v is not None}
     if isinstance(params.get("overrides"), dict):
         params["overrides"] = core.format_overrides(params["overrides"].items())
     params.update(scope="CURRENT_VIEW", delegate=bool(delegate), stream_progress=False)
-    result = foo.execute_operator(operator.uri, {"view": sample_collection.view()}, params=params)
-    return result.result
+    ctx = {"view": sample_collection.view()}
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        result = foo.execute_operator(operator.uri, ctx, params=params)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="refseg-operator") as pool:
+            result = pool.submit(foo.execute_operator, operator.uri, ctx, params=params).result()
+    return result.result  # a failed run raised ExecutionError (in the thread, re-raised here)
 
 
 class _RefsegOperator(foo.Operator):
@@ -555,7 +569,7 @@ class AutoLabel(_RefsegOperator):
             inputs.bool("class_thresholds", default=False, label="Apply the class thresholds",
                         description="Drop detections below their class's threshold (target precision "
                                     f"{record['thresholds']['target_precision']}: "
-                                    + "; ".join(f"{c['class_name']} {c['threshold']:.2f}" if c["threshold"] is not None
+                                    + "; ".join(f"{c['class_name']} {c['threshold']:.3f}" if c["threshold"] is not None
                                                 else f"{c['class_name']} {c['status']}"
                                                 for c in record["thresholds"]["classes"]) + ")",
                         view=types.CheckboxView())
@@ -894,11 +908,7 @@ class UpdateMemoryBankFromReview(_RefsegOperator):
                                 "'find corrections' first) are added as references with their mask and box",
                     view=types.CheckboxView())
         if field:
-            counts = _scope_view(ctx).count_label_tags(label_fields=field)
-            inputs.view("review_counts", types.Notice(label=", ".join(
-                f"{counts.get(ctx.params.get(k, d), 0)} {ctx.params.get(k, d)}"
-                for k, d in (("rejected_tag", core.DEFAULT_REJECTED_TAG),
-                             ("accepted_tag", core.DEFAULT_ACCEPTED_TAG)))))
+            _review_counts_view(ctx, inputs, field)
         _device_input(ctx, inputs)
         _delegate_input(ctx, inputs)
         return types.Property(inputs, view=types.View(label="refseg: update memory bank from review"))
@@ -918,6 +928,26 @@ class UpdateMemoryBankFromReview(_RefsegOperator):
         return report
 
 
+def _review_counts_view(ctx, inputs, field: str) -> None:
+    """How many labels of the scope carry each tag the run uses; a warning when none would be added."""
+    counts = _scope_view(ctx).count_label_tags(label_fields=field)
+    rejected = ctx.params.get("rejected_tag") or core.DEFAULT_REJECTED_TAG
+    accepted = ctx.params.get("accepted_tag") or core.DEFAULT_ACCEPTED_TAG
+    corrected = review.DEFAULT_CORRECTED_TAG
+    use_corrected = bool(ctx.params.get("use_corrected"))
+    n_rejected, n_accepted, n_corrected = (counts.get(t, 0) for t in (rejected, accepted, corrected))
+    text = f"{n_rejected} {rejected}, {n_accepted} {accepted}, {n_corrected} {corrected}"
+    if n_corrected and not use_corrected:
+        text += " (left out: tick 'Corrected labels become references too')"
+    if n_rejected or n_accepted or (n_corrected and use_corrected):
+        inputs.view("review_counts", types.Notice(label=text))
+    else:
+        inputs.view("review_counts", types.Warning(label=text, description=(
+            f"Nothing to add: tag predictions '{rejected}' or '{accepted}' in the App"
+            + (", or tick the box above" if n_corrected else
+               f", or run 'find corrections' to tag the labels a person edited '{corrected}'"))))
+
+
 class CalibrateThresholds(_RefsegOperator):
     @property
     def config(self):
@@ -935,6 +965,21 @@ class CalibrateThresholds(_RefsegOperator):
         return _call(self, sample_collection, dict(bank_name=bank_name, label_field=label_field,
                                                    target_precision=target_precision, device=device), delegate)
 
+    @staticmethod
+    def _num_reference_samples(ctx, bank: str) -> int:
+        """The samples with the bank's reference tag (the estimate's image count; references added from a review
+        are on other samples and make the run a little longer)."""
+        bank_record = core.list_banks(ctx.dataset).get(bank) or {}
+        tag = bank_record.get("reference_tag") or core.DEFAULT_REFERENCE_TAG
+        return len(ctx.dataset.match_tags(tag))
+
+    def _expected_seconds(self, ctx, bank: str | None = None):
+        bank = bank or ctx.params.get("bank_name") or core.DEFAULT_BANK
+        if bank not in core.list_banks(ctx.dataset):
+            return None
+        return self._estimate(ctx, lambda: core.RunSpec.from_dict(core.bank_record(ctx.dataset, bank)["models"]),
+                              self._num_reference_samples(ctx, bank), "label")
+
     def resolve_input(self, ctx):
         inputs = types.Object()
         view = types.View(label="refseg: calibrate class thresholds")
@@ -949,8 +994,8 @@ class CalibrateThresholds(_RefsegOperator):
         inputs.view("calibrate_notice", types.Notice(label=(
             "Each reference sample is labelled with the bank minus its own references; every instance of the bank's "
             "classes on the reference samples must be annotated, or the estimates come out too low.")))
-        _device_input(ctx, inputs)
-        _delegate_input(ctx, inputs, False)
+        device = _device_input(ctx, inputs)
+        _delegate_input(ctx, inputs, self._expected_seconds(ctx, bank) if device else None, device)
         return types.Property(inputs, view=view)
 
     def execute(self, ctx):
@@ -961,7 +1006,7 @@ class CalibrateThresholds(_RefsegOperator):
         report["summary"] = (f"Thresholds stored with the bank (target precision {report['target_precision']}, "
                              f"{report['images']} reference image(s)):\n\n" + "\n".join(
                                  f"- {line}" for line in report["lines"])
-                             + "\n\nApply them with auto-label's *class thresholds* option.")
+                             + "\n\nApply them with auto-label's *Apply the class thresholds* checkbox.")
         return report
 
 
@@ -987,7 +1032,7 @@ class FindCorrections(_RefsegOperator):
         _field_input(ctx, inputs, "label_field", "Labels", "Auto-labels reviewed in the App",
                      default=core.DEFAULT_OUTPUT_FIELD, required=False)
         inputs.str("corrected_tag", default=review.DEFAULT_CORRECTED_TAG, label="Corrected tag")
-        _delegate_input(ctx, inputs, False)
+        _delegate_input(ctx, inputs)
         return types.Property(inputs, view=types.View(label="refseg: find corrections"))
 
     def execute(self, ctx):
@@ -1022,13 +1067,15 @@ class RemaskBoxes(_RefsegOperator):
         _field_input(ctx, inputs, "label_field", "Labels", "Detections whose boxes are prompted",
                      default=core.DEFAULT_OUTPUT_FIELD, required=False)
         choices = types.RadioGroup()
-        choices.add_choice("corrected", label="Corrected labels (edited, added or tagged 'corrected')")
-        choices.add_choice("selected", label=f"Selected labels ({len(ctx.selected_labels or [])})")
+        choices.add_choice("corrected", label="Corrected boxes (drawn as a box, mask removed, or box moved)",
+                           description="A mask a person painted or drew is kept")
+        choices.add_choice("selected", label=f"Selected labels ({len(ctx.selected_labels or [])})",
+                           description="Their masks are replaced, painted ones too")
         inputs.enum("only", choices.values(), default="selected" if ctx.selected_labels else "corrected",
                     label="Labels", view=choices)
         _bank_input(ctx, inputs)
         _device_input(ctx, inputs)
-        _delegate_input(ctx, inputs, False)
+        _delegate_input(ctx, inputs)
         return types.Property(inputs, view=types.View(label="refseg: new masks for corrected boxes"))
 
     def execute(self, ctx):
@@ -1040,7 +1087,9 @@ class RemaskBoxes(_RefsegOperator):
                                      only=p.get("only") or "corrected", label_ids=label_ids,
                                      bank_name=p.get("bank_name") or None, device=p.get("device"))
         report["summary"] = (f"{report['num_masks']} new mask(s)"
-                             + (f", {report['num_empty']} box(es) without a mask" if report["num_empty"] else ""))
+                             + (f", {report['num_empty']} box(es) without a mask" if report["num_empty"] else "")
+                             + (f"; {report['num_kept']} corrected label(s) kept their own mask (select them and "
+                                "choose 'Selected labels' to replace it)" if report.get("num_kept") else ""))
         return report
 
 

@@ -518,7 +518,8 @@ def calibrate_thresholds(samples, *, bank_name: str = DEFAULT_BANK, label_field:
     """Per-class score thresholds reaching ``target_precision``, estimated on the bank's reference samples
     (:mod:`refseg.method.thresholds`): each is labelled with the bank minus its own references and its
     ``label_field`` instances are the ground truth, so every instance of the bank's classes on the reference
-    samples must be annotated. The thresholds are stored with the bank; ``auto_label(class_thresholds=True)``
+    samples must be annotated. References a review added (from another field) do not make their samples
+    held-out images. The thresholds are stored with the bank; ``auto_label(class_thresholds=True)``
     applies them. Returns the report (per class: threshold, precision, recall, instances)."""
     dataset = fiftyone_access.root_dataset(samples)
     bank, record = load_bank(dataset, bank_name)
@@ -527,16 +528,21 @@ def calibrate_thresholds(samples, *, bank_name: str = DEFAULT_BANK, label_field:
     device = resolve_device(device, dataset)
     segmenter = models.build_segmenter(bank, proposer=load_proposer(models, device),
                                        encoder=load_encoder(models, device))
-    by_sample: dict[str, list[str]] = {}
-    for entry in bank.entries:
-        if not entry.negative and entry.source.get("sample_id"):
-            by_sample.setdefault(str(entry.source["sample_id"]), []).append(entry.id)
-    if not by_sample:
-        raise ValueError(f"bank {bank_name!r} names no reference sample of this dataset: nothing to estimate from")
     field = label_field or record.get("label_field")
     if not field:
         raise ValueError("give the label field that holds the reference samples' annotations")
     check_detections_field(dataset, field, "ground-truth")
+    # the samples whose references came from ``field``: references added from a review (accepted or
+    # corrected predictions, their source field the predictions') sit on samples whose instances are not all
+    # annotated in ``field``, and would count every other detection there as a false positive
+    by_sample: dict[str, list[str]] = {}
+    for entry in bank.entries:
+        if (not entry.negative and entry.source.get("sample_id")
+                and entry.source.get("field") in (None, field)):
+            by_sample.setdefault(str(entry.source["sample_id"]), []).append(entry.id)
+    if not by_sample:
+        raise ValueError(f"bank {bank_name!r} names no reference sample of this dataset annotated in {field!r}: "
+                         "nothing to estimate from")
     classes = set(bank.class_names)
     held_out, unreadable = [], []
     for sample in dataset.select(list(by_sample), ordered=True).select_fields(field).iter_samples():
