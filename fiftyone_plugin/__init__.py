@@ -16,6 +16,7 @@ Each operator is a thin shell: it reads its form into arguments of a function of
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import sys
 import traceback
@@ -332,13 +333,26 @@ def _summary_output(ctx, label: str):
 
 
 def _call(operator, sample_collection, params: dict, delegate: bool):
-    """Run ``operator`` from Python on ``sample_collection``; returns its report (or the queued job)."""
+    """Run ``operator`` from Python on ``sample_collection``; returns its report (or the queued job).
+
+    Under a running event loop (a Jupyter notebook, Playwright's sync API) ``fo.execute_operator`` only
+    schedules the run and returns an ``asyncio.Task`` that starts once the caller yields to the loop; the
+    operator then runs to its end in a thread of its own (with its own loop), so the call blocks and returns
+    the report as it does elsewhere.
+    """
     params = {k: v for k, v in params.items() if v is not None}
     if isinstance(params.get("overrides"), dict):
         params["overrides"] = core.format_overrides(params["overrides"].items())
     params.update(scope="CURRENT_VIEW", delegate=bool(delegate), stream_progress=False)
-    result = foo.execute_operator(operator.uri, {"view": sample_collection.view()}, params=params)
-    return result.result
+    ctx = {"view": sample_collection.view()}
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        result = foo.execute_operator(operator.uri, ctx, params=params)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="refseg-operator") as pool:
+            result = pool.submit(foo.execute_operator, operator.uri, ctx, params=params).result()
+    return result.result  # a failed run raised ExecutionError (in the thread, re-raised here)
 
 
 class _RefsegOperator(foo.Operator):
@@ -914,11 +928,7 @@ class UpdateMemoryBankFromReview(_RefsegOperator):
                                 "'find corrections' first) are added as references with their mask and box",
                     view=types.CheckboxView())
         if field:
-            counts = _scope_view(ctx).count_label_tags(label_fields=field)
-            inputs.view("review_counts", types.Notice(label=", ".join(
-                f"{counts.get(ctx.params.get(k, d), 0)} {ctx.params.get(k, d)}"
-                for k, d in (("rejected_tag", core.DEFAULT_REJECTED_TAG),
-                             ("accepted_tag", core.DEFAULT_ACCEPTED_TAG)))))
+            _review_counts_view(ctx, inputs, field)
         _device_input(ctx, inputs)
         _delegate_input(ctx, inputs)
         return types.Property(inputs, view=types.View(label="refseg: update memory bank from review"))
@@ -936,6 +946,26 @@ class UpdateMemoryBankFromReview(_RefsegOperator):
         report["summary"] = (f"Bank **{report['bank']}**: negatives added ({neg}); references added ({pos}); "
                              f"{report['already_in_bank']} already in the bank. Run auto-label again to use them.")
         return report
+
+
+def _review_counts_view(ctx, inputs, field: str) -> None:
+    """How many labels of the scope carry each tag the run uses; a warning when none would be added."""
+    counts = _scope_view(ctx).count_label_tags(label_fields=field)
+    rejected = ctx.params.get("rejected_tag") or core.DEFAULT_REJECTED_TAG
+    accepted = ctx.params.get("accepted_tag") or core.DEFAULT_ACCEPTED_TAG
+    corrected = review.DEFAULT_CORRECTED_TAG
+    use_corrected = bool(ctx.params.get("use_corrected"))
+    n_rejected, n_accepted, n_corrected = (counts.get(t, 0) for t in (rejected, accepted, corrected))
+    text = f"{n_rejected} {rejected}, {n_accepted} {accepted}, {n_corrected} {corrected}"
+    if n_corrected and not use_corrected:
+        text += " (left out: tick 'Corrected labels become references too')"
+    if n_rejected or n_accepted or (n_corrected and use_corrected):
+        inputs.view("review_counts", types.Notice(label=text))
+    else:
+        inputs.view("review_counts", types.Warning(label=text, description=(
+            f"Nothing to add: tag predictions '{rejected}' or '{accepted}' in the App"
+            + (", or tick the box above" if n_corrected else
+               f", or run 'find corrections' to tag the labels a person edited '{corrected}'"))))
 
 
 class CalibrateThresholds(_RefsegOperator):
@@ -959,6 +989,23 @@ class CalibrateThresholds(_RefsegOperator):
             bank_name=bank_name, label_field=label_field, class_thresholds=target_precision is not None,
             target_precision=target_precision, prompt_threshold=prompt_share is not None, prompt_share=prompt_share,
             device=device), delegate)
+
+    @staticmethod
+    def _num_reference_samples(ctx, bank: str) -> int:
+        """The samples with the bank's reference tag (the estimate's image count; references added from a review
+        are on other samples and make the run a little longer)."""
+        bank_record = core.list_banks(ctx.dataset).get(bank) or {}
+        tag = bank_record.get("reference_tag") or core.DEFAULT_REFERENCE_TAG
+        return len(ctx.dataset.match_tags(tag))
+
+    def _expected_seconds(self, ctx, bank: str | None = None):
+        bank = bank or ctx.params.get("bank_name") or core.DEFAULT_BANK
+        if bank not in core.list_banks(ctx.dataset):
+            return None
+        # each estimate asked for labels the reference samples once
+        estimates = int(bool(ctx.params.get("class_thresholds", True))) + int(bool(ctx.params.get("prompt_threshold")))
+        return self._estimate(ctx, lambda: core.RunSpec.from_dict(core.bank_record(ctx.dataset, bank)["models"]),
+                              self._num_reference_samples(ctx, bank) * estimates, "label")
 
     def resolve_input(self, ctx):
         inputs = types.Object()
@@ -998,8 +1045,8 @@ class CalibrateThresholds(_RefsegOperator):
                                      "leave-one-out detections (as refseg calibrate --prompt-share)")
         if not ctx.params.get("class_thresholds", True) and not ctx.params.get("prompt_threshold"):
             _invalid(classes, "choose what to estimate: the class thresholds, the prompt threshold or both")
-        _device_input(ctx, inputs)
-        _delegate_input(ctx, inputs, False)
+        device = _device_input(ctx, inputs)
+        _delegate_input(ctx, inputs, self._expected_seconds(ctx, bank) if device else None, device)
         return types.Property(inputs, view=view)
 
     def execute(self, ctx):
@@ -1040,7 +1087,7 @@ class FindCorrections(_RefsegOperator):
         _field_input(ctx, inputs, "label_field", "Labels", "Auto-labels reviewed in the App",
                      default=core.DEFAULT_OUTPUT_FIELD, required=False)
         inputs.str("corrected_tag", default=review.DEFAULT_CORRECTED_TAG, label="Corrected tag")
-        _delegate_input(ctx, inputs, False)
+        _delegate_input(ctx, inputs)
         return types.Property(inputs, view=types.View(label="refseg: find corrections"))
 
     def execute(self, ctx):
@@ -1075,13 +1122,15 @@ class RemaskBoxes(_RefsegOperator):
         _field_input(ctx, inputs, "label_field", "Labels", "Detections whose boxes are prompted",
                      default=core.DEFAULT_OUTPUT_FIELD, required=False)
         choices = types.RadioGroup()
-        choices.add_choice("corrected", label="Corrected labels (edited, added or tagged 'corrected')")
-        choices.add_choice("selected", label=f"Selected labels ({len(ctx.selected_labels or [])})")
+        choices.add_choice("corrected", label="Corrected boxes (drawn as a box, mask removed, or box moved)",
+                           description="A mask a person painted or drew is kept")
+        choices.add_choice("selected", label=f"Selected labels ({len(ctx.selected_labels or [])})",
+                           description="Their masks are replaced, painted ones too")
         inputs.enum("only", choices.values(), default="selected" if ctx.selected_labels else "corrected",
                     label="Labels", view=choices)
         _bank_input(ctx, inputs)
         _device_input(ctx, inputs)
-        _delegate_input(ctx, inputs, False)
+        _delegate_input(ctx, inputs)
         return types.Property(inputs, view=types.View(label="refseg: new masks for corrected boxes"))
 
     def execute(self, ctx):
@@ -1093,7 +1142,9 @@ class RemaskBoxes(_RefsegOperator):
                                      only=p.get("only") or "corrected", label_ids=label_ids,
                                      bank_name=p.get("bank_name") or None, device=p.get("device"))
         report["summary"] = (f"{report['num_masks']} new mask(s)"
-                             + (f", {report['num_empty']} box(es) without a mask" if report["num_empty"] else ""))
+                             + (f", {report['num_empty']} box(es) without a mask" if report["num_empty"] else "")
+                             + (f"; {report['num_kept']} corrected label(s) kept their own mask (select them and "
+                                "choose 'Selected labels' to replace it)" if report.get("num_kept") else ""))
         return report
 
 

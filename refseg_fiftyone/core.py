@@ -523,7 +523,8 @@ def calibrate_thresholds(samples, *, bank_name: str = DEFAULT_BANK, label_field:
 
     ``target_precision`` (None: not now): per-class score thresholds reaching it, with the samples'
     ``label_field`` instances as the ground truth, so every instance of the bank's classes on the reference
-    samples must be annotated; ``auto_label(class_thresholds=True)`` applies them. ``prompt_share`` (None: not
+    samples must be annotated (references a review added, from another field, do not make their
+    samples held-out images); ``auto_label(class_thresholds=True)`` applies them. ``prompt_share`` (None: not
     now): the prompt-selection threshold keeping that share of the detections (no annotation needed; the
     bank's proposer must have prompt points); ``auto_label(prompt_selection=True)`` applies it. Both are stored
     with the bank and shown in its record (``thresholds``, ``prompt_threshold``); one not estimated now stays
@@ -531,18 +532,24 @@ def calibrate_thresholds(samples, *, bank_name: str = DEFAULT_BANK, label_field:
     ``label_field``, ``classes``) and ``prompt_threshold`` when estimated."""
     dataset = fiftyone_access.root_dataset(samples)
     bank, record = load_bank(dataset, bank_name)
-    by_sample: dict[str, list[str]] = {}
-    for entry in bank.entries:
-        if not entry.negative and entry.source.get("sample_id"):
-            by_sample.setdefault(str(entry.source["sample_id"]), []).append(entry.id)
-    if not by_sample:
-        raise ValueError(f"bank {bank_name!r} names no reference sample of this dataset: nothing to estimate from")
     field = None
     if target_precision is not None:  # the class thresholds need the ground truth
         field = label_field or record.get("label_field")
         if not field:
             raise ValueError("give the label field that holds the reference samples' annotations")
         check_detections_field(dataset, field, "ground-truth")
+    # with a ground truth, only the samples whose references came from ``field``: references added from a
+    # review (accepted or corrected predictions, their source field the predictions') sit on samples whose
+    # instances are not all annotated in ``field``, and would count every other detection there as a false
+    # positive
+    by_sample: dict[str, list[str]] = {}
+    for entry in bank.entries:
+        if (not entry.negative and entry.source.get("sample_id")
+                and (field is None or entry.source.get("field") in (None, field))):
+            by_sample.setdefault(str(entry.source["sample_id"]), []).append(entry.id)
+    if not by_sample:
+        raise ValueError(f"bank {bank_name!r} names no reference sample of this dataset"
+                         + (f" annotated in {field!r}" if field else "") + ": nothing to estimate from")
     models = RunSpec.from_dict(record["models"])
     models = models.with_changes(overrides=(*models.overrides, ("merge.class_thresholds", False)))
     device = resolve_device(device, dataset)

@@ -155,3 +155,39 @@ def test_auto_label_devices_that_do_not_exist_are_refused_in_the_form(dataset):
     properties = form("auto_label", dataset, devices="cuda:5")
     assert "cuda:5" in invalid(properties)["devices"]
     assert "devices" not in invalid(form("auto_label", dataset, devices="cpu"))
+
+
+def test_calibrate_form_estimates_its_run_and_the_quick_forms_claim_no_time(dataset, monkeypatch):
+    build_toy_bank(dataset)
+    properties = form("calibrate_thresholds", dataset, device="cpu")
+    assert "Expected time" in properties["expected_time"].view.label and not invalid(properties)
+    # the bank's models on the 3 reference samples: SAM2-L on a CPU is long, delegated where jobs can be queued
+    info = dataset.info
+    info["refseg_banks"]["default"]["models"].update(proposer="sam2.1_hiera_l", encoder="dinov2_vitl14", overrides=[],
+                                                     encoder_input_size=None)
+    dataset.info = info
+    dataset.save()
+    monkeypatch.setattr(fo.config, "allow_legacy_orchestrators", True)
+    properties = form("calibrate_thresholds", dataset, device="cpu")
+    assert properties["delegate"].default is True and "min" in properties["expected_time"].view.label
+    assert op("calibrate_thresholds").resolve_delegation(app_ctx(dataset, "calibrate_thresholds", device="cpu"))
+    # finding corrections reads the database only, and remasking has no estimate: no "about 0 s"
+    for operator in ("find_corrections", "remask_boxes"):
+        properties = form(operator, dataset, label_field="ground_truth")
+        assert "expected_time" not in properties and properties["delegate"].default is False
+
+
+def test_review_form_counts_the_corrected_labels_it_would_use(dataset):
+    build_toy_bank(dataset)
+    op("auto_label")(dataset, score_threshold=0.5, delegate=False)
+    notice = form("update_memory_bank_from_review", dataset)["review_counts"]
+    assert isinstance(notice.view, fo.operators.types.Warning) and "Nothing to add" in notice.view.description
+    sample = dataset.exists("refseg").first()
+    sample.refseg.detections[0].tags = ["corrected"]
+    sample.refseg.detections[1].tags = ["rejected"]
+    sample.save()
+    label = form("update_memory_bank_from_review", dataset)["review_counts"].view.label
+    assert label.startswith("1 rejected, 0 accepted, 1 corrected") and "left out: tick" in label
+    notice = form("update_memory_bank_from_review", dataset, use_corrected=True)["review_counts"]
+    assert notice.view.label == "1 rejected, 0 accepted, 1 corrected"
+    assert isinstance(notice.view, fo.operators.types.Notice)

@@ -127,9 +127,10 @@ def test_plugin_is_discovered_with_all_operators():
     assert PLUGIN in plugins, f"plugins found: {sorted(plugins)}"
     definition = plugins[PLUGIN]
     assert definition.py_entry == "fiftyone_plugin/__init__.py"
-    assert sorted(definition.operators) == sorted(OPERATORS + ("refseg_panel",))  # FiftyOne lists panels with them
+    # FiftyOne lists panels with them; announce_ended_jobs is the App's, on dataset open (unlisted)
+    assert sorted(definition.operators) == sorted(OPERATORS + ("refseg_panel", "announce_ended_jobs"))
     registered = {o.uri for o in foo.list_operators()}
-    assert {uri(n) for n in OPERATORS} <= registered
+    assert {uri(n) for n in OPERATORS} | {uri("announce_ended_jobs")} <= registered
     for name in OPERATORS:
         operator = op(name)
         assert operator.config.allow_delegated_execution
@@ -277,6 +278,25 @@ def test_immediate_run_streams_progress_to_the_app(dataset):
     assert auto.resolve_delegation(ctx) is False
     form = auto.resolve_input(ctx).type.properties
     assert form["bank_name"].type.values == ["default"] and form["delegate"].default is False
+
+
+def test_operators_called_under_a_running_event_loop_return_their_report(dataset):
+    """In a notebook (or under Playwright's sync API) an event loop is running: ``fo.execute_operator`` then
+    returns a task that has not run yet; the operators' Python calls still block and return the report."""
+    build_toy_bank(dataset)
+
+    async def notebook_cell():
+        return op("auto_label")(dataset, score_threshold=0.5, delegate=False), op("find_corrections")(dataset)
+
+    labelled, corrections = asyncio.run(notebook_cell())
+    assert labelled["num_labelled"] == 9 and labelled_count(dataset) == 9
+    assert corrections["num_edited"] == 0 and "tagged" in corrections["summary"]
+
+    async def failing_cell():
+        return op("auto_label")(dataset, bank_name="no-such-bank", delegate=False)
+
+    with pytest.raises(ExecutionError, match="no-such-bank"):
+        asyncio.run(failing_cell())
 
 
 def test_resume_after_interruption_loses_and_duplicates_nothing(dataset, monkeypatch):

@@ -169,3 +169,92 @@ def test_operators_find_corrections_and_remask_selected_labels(labelled):
     assert remasked["num_masks"] == 1
     sample.reload()
     assert [d.id for d in sample.refseg.detections if "corrected" in d.tags] == [det.id, other.id]
+
+
+# ---------------------------------------------------------------------------- what the App's Annotate tab saves
+
+
+def _app_painted(det, extra_rows: int, scale: int = 5):
+    """A mask repainted the way FiftyOne 1.22.1's Annotate tab saves it (seen in the browser test): the whole
+    mask re-drawn at the display resolution (``scale`` screen pixels per image pixel), ``uint8`` 0/1, with a
+    stroke of ``extra_rows`` image rows painted below it, and the box refitted to the new extent."""
+    x, y, w, h = det.bounding_box
+    crop = np.asarray(det.mask, bool)
+    grown = np.concatenate([crop, np.ones((extra_rows, crop.shape[1]), bool)])
+    det.mask = np.kron(grown, np.ones((scale, scale), bool)).astype(np.uint8)
+    det.bounding_box = [x, y, w, h + extra_rows / H]
+
+
+def test_mask_painted_in_the_app_is_an_edit_and_remask_keeps_it(labelled):
+    sample = _busy_sample(labelled)
+    det = sample.refseg.detections[0]
+    before = detection_mask(det, H, W)
+    _app_painted(det, extra_rows=3)
+    sample.save()
+    sample.reload()
+    det = sample.refseg.detections[0]
+    painted = detection_mask(det, H, W)  # read back in image pixels, whatever the crop's resolution
+    assert painted.shape == (H, W) and (painted & before).sum() == before.sum()
+    assert painted.sum() == before.sum() + 3 * before.any(axis=0).sum()
+    report = review.find_corrections(labelled, "refseg")
+    assert (report["num_edited"], report["num_added"]) == (1, 0)
+    assert review.is_corrected(det) and not review.needs_new_mask(det)
+    # "new masks for corrected boxes" leaves a painted mask alone ...
+    report = review.remask_boxes(labelled, label_field="refseg", only="corrected", bank_name="default")
+    assert (report["num_masks"], report["num_kept"]) == (0, 1)
+    sample.reload()
+    assert np.array_equal(detection_mask(sample.refseg.detections[0], H, W), painted)
+    # ... the selected-labels mode replaces it
+    report = review.remask_boxes(labelled, label_field="refseg", only="selected", label_ids=[det.id],
+                                 bank_name="default")
+    assert report["num_masks"] == 1
+    sample.reload()
+    assert not np.array_equal(detection_mask(sample.refseg.detections[0], H, W), painted)
+
+
+def test_remask_of_corrected_labels_prompts_the_boxes_without_a_fitting_mask(labelled):
+    sample = _busy_sample(labelled)
+    relabelled, unmasked, moved = sample.refseg.detections[:3]
+    gt = sample.ground_truth.detections[0]
+    relabelled.label = "blue" if relabelled.label != "blue" else "red"  # mask and box as refseg wrote them
+    unmasked.mask = None  # the App's "Remove mask"
+    _shift_box(moved, 0.02)  # a box moved in Python: its old mask no longer fits
+    drawn_box = fo.Detection(label=gt.label, bounding_box=list(gt.bounding_box))  # the App's new box
+    drawn_mask = fo.Detection(label=gt.label, bounding_box=list(gt.bounding_box), mask=gt.mask.copy())  # pen
+    sample.refseg.detections.extend([drawn_box, drawn_mask])
+    sample.save()
+    found = review.find_corrections(labelled, "refseg")
+    assert (found["num_edited"], found["num_added"]) == (3, 2)
+    sample.reload()
+    assert [review.needs_new_mask(d) for d in sample.refseg.detections if "corrected" in d.tags] == [
+        False, True, True, True, False]
+    report = review.remask_boxes(labelled, label_field="refseg", only="corrected", bank_name="default")
+    assert (report["num_masks"], report["num_empty"], report["num_kept"]) == (3, 0, 2)
+    sample.reload()
+    dets = {d.id: d for d in sample.refseg.detections}
+    assert dets[unmasked.id].mask is not None
+    assert iou(detection_mask(dets[drawn_box.id], H, W), detection_mask(gt, H, W)) > 0.9
+    assert np.array_equal(dets[drawn_mask.id].mask, gt.mask)
+    # a remasked label is stamped again: run again, nothing to do; move its box, and it needs a new mask
+    assert all(d[review.FINGERPRINT_ATTR] == review.fingerprint(d) for d in (dets[unmasked.id], dets[moved.id]))
+    again = review.remask_boxes(labelled, label_field="refseg", only="corrected", bank_name="default")
+    assert (again["num_masks"], again["num_kept"]) == (0, 5)
+    _shift_box(dets[moved.id], -0.02)
+    sample.save()
+    assert review.remask_boxes(labelled, label_field="refseg", only="corrected", bank_name="default")[
+        "num_masks"] == 1
+
+
+def test_fingerprints_written_by_earlier_versions_still_tell_edits(labelled):
+    sample = _busy_sample(labelled)
+    for det in sample.refseg.detections:
+        det[review.FINGERPRINT_ATTR] = review.fingerprint(det)[:16]  # the label-box-mask digest alone
+    sample.save()
+    assert review.find_corrections(labelled, "refseg")["num_edited"] == 0
+    det = sample.refseg.detections[0]
+    det.label = "blue" if det.label != "blue" else "red"
+    sample.save()
+    assert review.find_corrections(labelled, "refseg")["num_edited"] == 1
+    sample.reload()
+    assert review.needs_new_mask(sample.refseg.detections[0])  # which part changed is unknown: as before
+    assert not review.needs_new_mask(sample.refseg.detections[1])

@@ -126,3 +126,21 @@ def test_prompt_threshold_calibrated_shown_applied_and_refused_when_stale(tmp_pa
     with pytest.raises(ValueError, match="chosen for other references .*calibrate_thresholds with its prompt"):
         core.auto_label(dataset, label_field="again", prompt_selection=True, **AUTO)
     assert decoded == []
+
+
+def test_calibration_leaves_out_the_samples_of_references_added_from_a_review(tmp_path):
+    """A prediction accepted (or corrected) on a target sample becomes a reference, but that sample's instances
+    are not annotated in the ground-truth field: it is no held-out image, or its other detections would all
+    count as false positives."""
+    dataset = make_dataset(tmp_path / "img", n_images=8, n_references=3)
+    build_toy_bank(dataset)
+    core.auto_label(dataset, label_field="pred", **AUTO)
+    target = dataset.match_tags("reference", bool=False).first()
+    target["pred"].detections[0].tags = ["accepted"]
+    target.ground_truth = None  # as on a real target: not annotated
+    target.save()
+    added = core.update_memory_bank_from_review(dataset, pred_field="pred", device="cpu")
+    assert added["num_added"] == 1
+    report = core.calibrate_thresholds(dataset, label_field="ground_truth", target_precision=0.9, device="cpu")
+    assert report["images"] == 3
+    assert all(c["threshold"] is not None for c in report["classes"])
