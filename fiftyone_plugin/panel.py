@@ -125,7 +125,6 @@ class RefsegPanel(foo.Panel):
             evaluation = {k: evaluation[k] for k in ("eval_key", "mAP", "mAP50", "num_samples", "tp", "fp", "fn",
                                                      "iou", "pred_field", "gt_field", "evaluated_at")}
         ctx.panel.set_state("outline", {"banks": banks, "has_runs": bool(info["runs"] or info["jobs"]),
-                                        "num_jobs": len(info["jobs"]),
                                         "job_ids": [j["id"] for j in info["jobs"]], "has_review": bool(info["review"]),
                                         "evaluation": evaluation})
 
@@ -143,12 +142,12 @@ class RefsegPanel(foo.Panel):
                                    ("failed", "Failed"), ("device", "Device"), ("bank", "Bank")])
         else:
             panel.md("No labelling run yet: run **refseg: auto-label**.", name="runs_none")
-        if outline["num_jobs"]:
-            panel.md(f"Watching {outline['num_jobs']} delegated job(s): this panel tells you when each ends.",
+        if outline["job_ids"]:
+            panel.md(f"Watching {len(outline['job_ids'])} delegated job(s): this panel tells you when each ends.",
                      name="jobs_watching")
         else:
             panel.md("No delegated refseg job queued or running.", name="jobs_none")
-        panel.view("jobs_timer", types.TimerView(interval=POLL_MS if outline["num_jobs"] else IDLE_POLL_MS,
+        panel.view("jobs_timer", types.TimerView(interval=POLL_MS if outline["job_ids"] else IDLE_POLL_MS,
                                                  on_interval=self.poll))
         panel.md("#### Review", name="review_heading")
         if outline["has_review"]:

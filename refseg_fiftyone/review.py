@@ -206,7 +206,7 @@ def iter_remask_boxes(samples, *, label_field: str = core.DEFAULT_OUTPUT_FIELD, 
         for det in masked:
             if corrected_tag not in (det.tags or []):
                 det.tags = [*(det.tags or []), corrected_tag]
-            det[FINGERPRINT_ATTR] = fingerprint(det)
+        stamp(masked)
         remasked += len(masked)
         empty += unmasked
         yield core.Progress(i, total, f"{i}/{total} samples")

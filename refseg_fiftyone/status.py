@@ -181,47 +181,25 @@ def list_runs(dataset) -> list[dict]:
 def active_jobs(dataset) -> list[dict]:
     """This plugin's delegated jobs on ``dataset`` that have not finished (queued, scheduled, running),
     oldest first, with their progress (``progress``: 0..1 or None, ``progress_label``)."""
-    from fiftyone.operators.delegated import DelegatedOperationService
-
-    service = DelegatedOperationService()
-    jobs = []
-    for state in ACTIVE_STATES:
-        for doc in service.list_operations(dataset_name=dataset.name, run_state=state):
-            if not str(doc.operator).startswith(core.PLUGIN_NAME + "/"):
-                continue
-            params = _request_params(doc).get("params") or {}
-            status = doc.status
-            jobs.append({"id": str(doc.id), "operator": doc.operator.rsplit("/", 1)[-1], "state": doc.run_state,
-                         "label_field": params.get("label_field"), "shard_index": params.get("shard_index"),
-                         "num_shards": params.get("num_shards"),
-                         "progress": getattr(status, "progress", None), "progress_label": getattr(status, "label", None),
-                         "queued_at": _iso(doc.queued_at), "started_at": _iso(doc.started_at)})
+    jobs = [{**job, "progress": getattr(doc.status, "progress", None),
+             "progress_label": getattr(doc.status, "label", None),
+             "queued_at": _iso(doc.queued_at), "started_at": _iso(doc.started_at)}
+            for doc, job in _plugin_jobs(dataset, ACTIVE_STATES)]
     return sorted(jobs, key=lambda j: j["queued_at"] or "")
 
 
 def ended_jobs(dataset, since: datetime | None = None) -> list[dict]:
     """This plugin's delegated jobs on ``dataset`` that completed or failed (after ``since``, UTC, if given),
     oldest first: id, operator, state, label field, shard, when it ended, and its summary or error."""
-    from fiftyone.operators.delegated import DelegatedOperationService
-
-    service = DelegatedOperationService()
     jobs = []
-    for state in ENDED_STATES:
-        for doc in service.list_operations(dataset_name=dataset.name, run_state=state):
-            if not str(doc.operator).startswith(core.PLUGIN_NAME + "/"):
-                continue
-            ended = doc.completed_at if state == "completed" else doc.failed_at
-            ended = ended or doc.updated_at
-            if since is not None and ended is not None and _utc(ended) < _utc(since):
-                continue
-            params = _request_params(doc).get("params") or {}
-            result = doc.result
-            report = getattr(result, "result", None)
-            jobs.append({"id": str(doc.id), "operator": doc.operator.rsplit("/", 1)[-1], "state": state,
-                         "label_field": params.get("label_field"), "shard_index": params.get("shard_index"),
-                         "num_shards": params.get("num_shards"), "ended_at": _iso(ended),
-                         "summary": report.get("summary") if isinstance(report, dict) else None,
-                         "error": getattr(result, "error", None)})
+    for doc, job in _plugin_jobs(dataset, ENDED_STATES):
+        ended = (doc.completed_at if job["state"] == "completed" else doc.failed_at) or doc.updated_at
+        if since is not None and ended is not None and _utc(ended) < _utc(since):
+            continue
+        report = getattr(doc.result, "result", None)
+        jobs.append({**job, "ended_at": _iso(ended),
+                     "summary": report.get("summary") if isinstance(report, dict) else None,
+                     "error": getattr(doc.result, "error", None)})
     return sorted(jobs, key=lambda j: j["ended_at"] or "")
 
 
@@ -257,6 +235,22 @@ def take_job_end_notices(dataset, store, now: datetime | None = None) -> list[di
 def _utc(value: datetime) -> datetime:
     """FiftyOne stores naive UTC datetimes."""
     return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+def _plugin_jobs(dataset, states: tuple[str, ...]):
+    """Each of this plugin's delegated jobs on ``dataset`` in one of ``states``: its document, and what
+    every job row shows (id, operator, state, label field, shard)."""
+    from fiftyone.operators.delegated import DelegatedOperationService
+
+    service = DelegatedOperationService()
+    for state in states:
+        for doc in service.list_operations(dataset_name=dataset.name, run_state=state):
+            if not str(doc.operator).startswith(core.PLUGIN_NAME + "/"):
+                continue
+            params = _request_params(doc).get("params") or {}
+            yield doc, {"id": str(doc.id), "operator": doc.operator.rsplit("/", 1)[-1], "state": doc.run_state,
+                        "label_field": params.get("label_field"), "shard_index": params.get("shard_index"),
+                        "num_shards": params.get("num_shards")}
 
 
 def _request_params(doc) -> dict:

@@ -24,17 +24,11 @@ import refseg_fiftyone.core as core  # noqa: E402
 from refseg_fiftyone import review  # noqa: E402
 from refseg_fiftyone.convert import box_to_pixels, detection_mask  # noqa: E402
 
-from test_fiftyone_app import ARTIFACTS, CHROMIUM, app_server, served_dataset  # noqa: E402
+from test_fiftyone_app import ARTIFACTS, CHROMIUM, SERVE_DATASET as SERVE, app_server, served_dataset  # noqa: E402
 from test_fiftyone_browser import close_dialogs, dismiss_popups, field_input, open_form  # noqa: E402
 from test_fiftyone_plugin import build_toy_bank, iou, op  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium)")
-SERVE = """
-import sys
-import fiftyone as fo
-session = fo.launch_app(fo.load_dataset(sys.argv[1]), remote=True, address="127.0.0.1", port=int(sys.argv[2]))
-session.wait(-1)
-"""
 TIMEOUT_MS = 60_000
 # the page rectangle of the sample view's image once the canvas drawing it has its final size (else false)
 IMAGE_PLACED = """() => {

@@ -37,6 +37,13 @@ import fiftyone.operators as foo  # noqa: E402
 from test_fiftyone_plugin import OPERATORS, PLUGIN, TOY, make_dataset  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+# an App server showing the whole dataset named by argv[1] on port argv[2] (for app_server and the other App tests)
+SERVE_DATASET = """
+import sys
+import fiftyone as fo
+session = fo.launch_app(fo.load_dataset(sys.argv[1]), remote=True, address="127.0.0.1", port=int(sys.argv[2]))
+session.wait(-1)
+"""
 SERVE = """
 import sys
 import fiftyone as fo

@@ -20,16 +20,10 @@ fo = pytest.importorskip("fiftyone")
 sync_api = pytest.importorskip("playwright.sync_api")
 from refseg_fiftyone import review  # noqa: E402
 
-from test_fiftyone_app import ARTIFACTS, CHROMIUM, _free_port  # noqa: E402
+from test_fiftyone_app import ARTIFACTS, CHROMIUM, SERVE_DATASET as SERVE, _free_port  # noqa: E402
 from test_fiftyone_plugin import build_toy_bank, make_dataset, op  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium")
-SERVE = """
-import sys
-import fiftyone as fo
-session = fo.launch_app(fo.load_dataset(sys.argv[1]), remote=True, address="127.0.0.1", port=int(sys.argv[2]))
-session.wait(-1)
-"""
 
 
 def test_label_changed_in_the_annotate_tab_is_found(tmp_path):

@@ -24,16 +24,10 @@ pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's ch
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright (pip install playwright)")
 fo = pytest.importorskip("fiftyone")
 
-from test_fiftyone_app import _free_port  # noqa: E402
+from test_fiftyone_app import SERVE_DATASET as SERVE, _free_port  # noqa: E402
 from test_refseg_status import labelled_and_reviewed  # noqa: E402
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-SERVE = """
-import sys
-import fiftyone as fo
-session = fo.launch_app(fo.load_dataset(sys.argv[1]), remote=True, address="127.0.0.1", port=int(sys.argv[2]))
-session.wait(-1)
-"""
 
 
 def _stop(server: subprocess.Popen) -> None:
